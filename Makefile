@@ -1,0 +1,40 @@
+# keras_vmoe developer commands. `make test` and `make demo` work on a fresh machine:
+# they create the virtual environment and install the pinned packages first.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+BACKENDS ?= jax tensorflow torch
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-jax test-tensorflow test-torch lint demo bench notebooks clean
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements-lock.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Runs the whole suite once per backend; fails if any backend fails.
+test: setup
+	@status=0; for b in $(BACKENDS); do \
+	  echo "=== pytest, KERAS_BACKEND=$$b ==="; \
+	  KERAS_BACKEND=$$b $(PY) -m pytest -q $(PYTEST_ARGS) tests || status=1; \
+	done; exit $$status
+
+test-%: setup
+	KERAS_BACKEND=$* $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: setup
+	$(PY) -m ruff check keras_vmoe tests benchmarks guides
+	$(PY) -m ruff format --check keras_vmoe tests benchmarks guides
+
+demo: setup
+	KERAS_BACKEND=jax $(VENV)/bin/keras-vmoe demo
+
+bench: setup
+	KERAS_BACKEND=jax $(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .jax_cache build dist *.egg-info
