@@ -1,0 +1,163 @@
+"""`MoE`: the Mixture-of-Experts layer that replaces a transformer MLP."""
+
+import keras
+from keras import ops
+
+from keras_vmoe.routers.base import check_positive_int
+
+# Routing statistics kept as non-trainable variables, refreshed every call.
+STATISTICS = (
+    "auxiliary_loss",
+    "fraction_tokens_dropped",
+    "experts_per_token",
+    "load_imbalance",
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class MoE(keras.layers.Layer):
+    """Mixture of Experts: group, route, dispatch, run experts, combine.
+
+    Tokens `(B, T, d)` are flattened and cut into groups of `group_size`
+    consecutive tokens `(G, S, d)` (so consecutive images share a group).
+    The router decides a `Routing` per group; the layer gathers each slot's
+    input `(G, E, C, d)`, runs all experts as one batched computation, and
+    combines the slot outputs back onto the tokens. Sparse routings are
+    executed with gathers and segment sums (memory linear in the group);
+    `use_einsum_dispatch=True` runs the dense `(G, S, E, C)` reference
+    instead (same outputs, for tests and teaching).
+
+    The router's auxiliary loss (mean over groups) is added with `add_loss`.
+    The latest routing statistics are kept in non-trainable variables named
+    after `STATISTICS` (read them with `routing_statistics()`).
+
+    Args:
+        router: a router layer (e.g. `SoftmaxTokenChoiceRouter`) or a config
+            dict from `keras.layers.serialize`.
+        experts: an experts layer (e.g. `MlpExperts`) or its config dict.
+        group_size: int. Tokens per routing group `S`.
+        use_einsum_dispatch: bool. Use the dense reference path. Defaults to
+            `False`.
+        **kwargs: base layer arguments.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras_vmoe.layers import MlpExperts
+    >>> from keras_vmoe.routers import SoftmaxExpertChoiceRouter
+    >>> moe = MoE(SoftmaxExpertChoiceRouter(num_experts=4),
+    ...           MlpExperts(num_experts=4, hidden_dim=32), group_size=8)
+    >>> moe(np.random.rand(2, 8, 16).astype("float32")).shape
+    (2, 8, 16)
+    """
+
+    def __init__(
+        self, router, experts, group_size, use_einsum_dispatch=False, **kwargs
+    ):
+        super().__init__(**kwargs)
+        if isinstance(router, dict):
+            router = keras.layers.deserialize(router)
+        if isinstance(experts, dict):
+            experts = keras.layers.deserialize(experts)
+        if not isinstance(router, keras.layers.Layer):
+            raise ValueError(f"`router` must be a router layer, got {router!r}.")
+        if not isinstance(experts, keras.layers.Layer):
+            raise ValueError(f"`experts` must be an experts layer, got {experts!r}.")
+        if getattr(router, "num_experts", None) != getattr(
+            experts, "num_experts", None
+        ):
+            raise ValueError(
+                "`router` and `experts` disagree on the number of experts: "
+                f"{getattr(router, 'num_experts', None)} vs "
+                f"{getattr(experts, 'num_experts', None)}."
+            )
+        self.router = router
+        self.experts = experts
+        self.group_size = check_positive_int("group_size", group_size)
+        self.use_einsum_dispatch = bool(use_einsum_dispatch)
+
+    def _group_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(
+                "MoE inputs must have shape (batch, tokens, dim), got shape "
+                f"{tuple(input_shape)}."
+            )
+        batch, tokens, dim = input_shape
+        if tokens is not None and batch is not None:
+            self._check_divisible(batch * tokens)
+        return (None, self.group_size, dim)
+
+    def _check_divisible(self, num_tokens):
+        if num_tokens % self.group_size:
+            raise ValueError(
+                f"The number of tokens per batch ({num_tokens}) must be divisible "
+                f"by `group_size` ({self.group_size})."
+            )
+
+    def build(self, input_shape):
+        group_shape = self._group_shape(input_shape)
+        if not self.router.built:
+            self.router.build(group_shape)
+        if not self.experts.built:
+            # (G, E, C, d); C depends on training vs evaluation capacity.
+            self.experts.build((None, self.experts.num_experts, None, group_shape[-1]))
+        for name in STATISTICS:
+            setattr(
+                self,
+                name,
+                self.add_weight(
+                    name=name,
+                    shape=(),
+                    initializer="zeros",
+                    trainable=False,
+                    dtype="float32",
+                ),
+            )
+
+    def route(self, x, training=False):
+        """The `Routing` of `x` `(B, T, d)`, with the groups it was computed on."""
+        batch, tokens, dim = ops.shape(x)
+        if isinstance(batch, int) and isinstance(tokens, int):
+            self._check_divisible(batch * tokens)
+        groups = ops.reshape(x, (-1, self.group_size, dim))  # (G, S, d)
+        return self.router(groups, training=training), groups
+
+    def call(self, x, training=False):
+        self._group_shape(x.shape)
+        routing, groups = self.route(x, training)
+        if self.use_einsum_dispatch:
+            expert_inputs = routing.einsum_dispatch(groups)  # (G, E, C, d)
+        else:
+            expert_inputs = routing.dispatch(groups)  # (G, E, C, d)
+        expert_outputs = self.experts(expert_inputs, training=training)
+        if self.use_einsum_dispatch:
+            outputs = routing.einsum_combine(expert_outputs)  # (G, S, d)
+        else:
+            outputs = routing.combine(expert_outputs)  # (G, S, d)
+        if routing.auxiliary_loss is not None:
+            self.add_loss(ops.mean(routing.auxiliary_loss))
+        stats = routing.statistics()
+        for name in STATISTICS:
+            getattr(self, name).assign(ops.cast(stats[name], "float32"))
+        return ops.reshape(ops.cast(outputs, x.dtype), ops.shape(x))
+
+    def routing_statistics(self):
+        """The latest routing statistics as Python floats."""
+        return {
+            name: float(ops.convert_to_numpy(getattr(self, name)))
+            for name in STATISTICS
+        }
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "router": keras.layers.serialize(self.router),
+                "experts": keras.layers.serialize(self.experts),
+                "group_size": self.group_size,
+                "use_einsum_dispatch": self.use_einsum_dispatch,
+            }
+        )
+        return config

@@ -1,0 +1,174 @@
+"""`Router`: the shared part of every router layer.
+
+A router maps a batch of token groups `(G, S, d)` to a `Routing`. This base
+class holds what the routers share: the number of experts, the capacity
+settings (with a separate factor for evaluation), the gating noise, float32
+computation under mixed precision, and argument checking. Subclasses build
+their affinity (e.g. `DenseGating`) and call an allocation function.
+"""
+
+import keras
+from keras import ops
+
+from keras_vmoe.routers.capacity import compute_capacity
+
+
+def check_positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_non_negative(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+    return float(value)
+
+
+class Router(keras.layers.Layer):
+    """Base class of the router layers.
+
+    Routers always compute in float32: unless a `dtype` is given, the layer
+    uses the float32 policy even when the model runs in bfloat16 or float16.
+
+    Args:
+        num_experts: int. Number of experts `E`.
+        capacity_factor: float. Training capacity factor. Defaults to the
+            subclass's default.
+        eval_capacity_factor: float. Capacity factor when not training.
+            Defaults to `None` (same as `capacity_factor`).
+        capacity: int. Explicit slots per expert, instead of a factor.
+            Defaults to `None`.
+        capacity_multiple_of: int. Round capacities up to a multiple of
+            this. Defaults to 4.
+        noise_std: float. Gating noise during training is
+            `noise_std / E * N(0, 1)`. Defaults to 1.0.
+        seed: int. Seed of the gating noise. Defaults to `None`.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`).
+    """
+
+    # Whether Token Choice counting applies (num_tokens = S * K).
+    counts_selected_experts = False
+
+    def __init__(
+        self,
+        num_experts,
+        capacity_factor=1.0,
+        eval_capacity_factor=None,
+        capacity=None,
+        capacity_multiple_of=4,
+        noise_std=1.0,
+        seed=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        if capacity is not None:
+            capacity_factor = None
+            check_positive_int("capacity", capacity)
+            if eval_capacity_factor is not None:
+                raise ValueError(
+                    "Give `eval_capacity_factor` only with `capacity_factor`, "
+                    "not with an explicit `capacity`."
+                )
+        elif capacity_factor is None or not capacity_factor > 0:
+            raise ValueError(
+                "Give `capacity_factor` > 0 or an explicit `capacity`; got "
+                f"capacity_factor={capacity_factor!r}, capacity={capacity!r}."
+            )
+        if eval_capacity_factor is not None and not eval_capacity_factor > 0:
+            raise ValueError(
+                f"`eval_capacity_factor` must be > 0, got {eval_capacity_factor!r}."
+            )
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.capacity = capacity
+        self.capacity_multiple_of = check_positive_int(
+            "capacity_multiple_of", capacity_multiple_of
+        )
+        self.noise_std = check_non_negative("noise_std", noise_std)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def group_capacity(self, group_size, training=False, num_selected_experts=1):
+        """Slots per expert for groups of `group_size` tokens."""
+        factor = self.capacity_factor
+        if not training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        return compute_capacity(
+            group_size * num_selected_experts,
+            self.num_experts,
+            capacity_factor=factor,
+            capacity=self.capacity,
+            multiple_of=self.capacity_multiple_of,
+        )
+
+    def add_noise(self, logits, training=False):
+        """Gating noise `noise_std / E * N(0, 1)`, only when training."""
+        if not training or self.noise_std == 0:
+            return logits
+        noise = keras.random.normal(
+            ops.shape(logits), dtype="float32", seed=self.seed_generator
+        )
+        return logits + (self.noise_std / self.num_experts) * noise
+
+    @staticmethod
+    def check_groups(x):
+        if len(x.shape) != 3:
+            raise ValueError(
+                "Router inputs must have shape (groups, group_size, dim), got "
+                f"shape {tuple(x.shape)}."
+            )
+        return ops.cast(x, "float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "capacity": self.capacity,
+                "capacity_multiple_of": self.capacity_multiple_of,
+                "noise_std": self.noise_std,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+class DenseGatingRouter(Router):
+    """A router whose affinity is a bias-free dense layer `x @ W_g`.
+
+    Adds the gating kernel `(d, E)`, named `gating_kernel`. See `Router` for
+    the other arguments.
+
+    Args:
+        kernel_initializer: initializer of the gating kernel. Defaults to
+            `"lecun_normal"`.
+    """
+
+    def __init__(self, num_experts, kernel_initializer="lecun_normal", **kwargs):
+        super().__init__(num_experts, **kwargs)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        self.gating_kernel = self.add_weight(
+            name="gating_kernel",
+            shape=(input_shape[-1], self.num_experts),
+            initializer=self.kernel_initializer,
+        )
+
+    def gating_logits(self, x, training=False):
+        """Clean and noisy gating logits, float32 `(G, S, E)` each."""
+        x = self.check_groups(x)
+        clean = ops.matmul(x, ops.cast(self.gating_kernel, "float32"))  # (G, S, E)
+        return clean, self.add_noise(clean, training)
+
+    def get_config(self):
+        config = super().get_config()
+        config["kernel_initializer"] = keras.initializers.serialize(
+            self.kernel_initializer
+        )
+        return config

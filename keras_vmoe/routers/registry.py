@@ -1,0 +1,49 @@
+"""Router lookup by name, for models and configs."""
+
+import difflib
+import importlib
+
+# name -> (module, class). Modules are imported on first use.
+_ROUTERS = {
+    "softmax_token_choice": ("softmax_token_choice", "SoftmaxTokenChoiceRouter"),
+    "sinkhorn_token_choice": ("sinkhorn_token_choice", "SinkhornTokenChoiceRouter"),
+    "softmax_expert_choice": ("softmax_expert_choice", "SoftmaxExpertChoiceRouter"),
+    "sinkhorn_expert_choice": ("sinkhorn_expert_choice", "SinkhornExpertChoiceRouter"),
+    "sparsity_constrained_expert_choice": (
+        "sparsity_constrained_expert_choice",
+        "SparsityConstrainedExpertChoiceRouter",
+    ),
+    "soft": ("soft", "SoftRouter"),
+}
+
+ROUTER_NAMES = tuple(_ROUTERS)
+
+
+def get_class(name):
+    """The router class registered under `name` (see `ROUTER_NAMES`)."""
+    if name not in _ROUTERS:
+        close = difflib.get_close_matches(str(name), ROUTER_NAMES, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"Unknown router {name!r}.{hint} Known routers: {', '.join(ROUTER_NAMES)}."
+        )
+    module, cls = _ROUTERS[name]
+    return getattr(importlib.import_module(f"keras_vmoe.routers.{module}"), cls)
+
+
+def get(name, **kwargs):
+    """A new router layer by name.
+
+    Args:
+        name: str. One of `ROUTER_NAMES`: "softmax_token_choice",
+            "sinkhorn_token_choice", "softmax_expert_choice",
+            "sinkhorn_expert_choice", "sparsity_constrained_expert_choice",
+            "soft".
+        **kwargs: the router's constructor arguments (`num_experts`, ...).
+
+    Example:
+    >>> router = get("softmax_expert_choice", num_experts=8)
+    >>> type(router).__name__
+    'SoftmaxExpertChoiceRouter'
+    """
+    return get_class(name)(**kwargs)
