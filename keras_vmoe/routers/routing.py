@@ -120,6 +120,7 @@ class Routing:
         Returns:
             tensor `(G, E, C, d)` in the dtype of `x`.
         """
+        x = ops.convert_to_tensor(x)
         if not self.is_sparse:
             d = ops.cast(self.dispatch_weights, x.dtype)
             return ops.einsum("gsec,gsd->gecd", d, x)
@@ -143,7 +144,7 @@ class Routing:
         Returns:
             tensor `(G, S, d)` in the dtype of `expert_outputs`.
         """
-        y = expert_outputs
+        y = ops.convert_to_tensor(expert_outputs)
         if not self.is_sparse:
             w = ops.cast(self.combine_weights, y.dtype)
             return ops.einsum("gecd,gsec->gsd", y, w)
@@ -180,12 +181,13 @@ class Routing:
 
     def einsum_dispatch(self, x):
         """Reference dispatch through the dense tensor (quadratic memory)."""
+        x = ops.convert_to_tensor(x)
         d = ops.cast(self.dispatch_tensor(), x.dtype)
         return ops.einsum("gsec,gsd->gecd", d, x)  # (G, E, C, d)
 
     def einsum_combine(self, expert_outputs):
         """Reference combine through the dense tensor (quadratic memory)."""
-        y = expert_outputs
+        y = ops.convert_to_tensor(expert_outputs)
         w = ops.cast(self.combine_tensor(), y.dtype)
         return ops.einsum("gecd,gsec->gsd", y, w)  # (G, S, d)
 

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_vmoe.layers import ExpertGlorotUniform, MlpExperts
+
+
+def test_experts_equal_numpy_per_expert_mlp():
+    rng = np.random.default_rng(0)
+    experts = MlpExperts(num_experts=3, hidden_dim=5, activation="relu")
+    x = rng.normal(size=(2, 3, 4, 6)).astype("float32")
+    experts.build(x.shape)
+    wi = rng.normal(size=(3, 6, 5)).astype("float32")
+    bi = rng.normal(size=(3, 5)).astype("float32")
+    wo = rng.normal(size=(3, 5, 6)).astype("float32")
+    bo = rng.normal(size=(3, 6)).astype("float32")
+    for var, value in zip(
+        [
+            experts.intermediate_kernel,
+            experts.intermediate_bias,
+            experts.output_kernel,
+            experts.output_bias,
+        ],
+        [wi, bi, wo, bo],
+    ):
+        var.assign(value)
+    expected = np.zeros_like(x)
+    for g in range(2):
+        for e in range(3):
+            h = np.maximum(x[g, e] @ wi[e] + bi[e], 0)
+            expected[g, e] = h @ wo[e] + bo[e]
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(experts(x)), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_identical_init_and_fans():
+    kernel = ops.convert_to_numpy(
+        ExpertGlorotUniform(identical=True, seed=1)((4, 30, 70))
+    )
+    for e in range(1, 4):
+        np.testing.assert_array_equal(kernel[e], kernel[0])
+    # Glorot limit of one expert: sqrt(6 / (30 + 70)) = 0.2449.
+    assert np.abs(kernel).max() <= np.sqrt(6 / 100)
+    assert np.abs(kernel).max() > 0.9 * np.sqrt(6 / 100)
+    distinct = ops.convert_to_numpy(ExpertGlorotUniform(seed=1)((4, 30, 70)))
+    assert not np.allclose(distinct[0], distinct[1])
+
+
+def test_experts_errors():
+    with pytest.raises(ValueError, match="num_experts"):
+        MlpExperts(0, 4)
+    with pytest.raises(ValueError, match="hidden_dim"):
+        MlpExperts(2, 0)
+    with pytest.raises(ValueError, match="dropout_rate"):
+        MlpExperts(2, 4, dropout_rate=1.5)
+    with pytest.raises(ValueError, match="num_experts=2"):
+        MlpExperts(2, 4)(np.zeros((1, 3, 4, 8), "float32"))
