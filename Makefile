@@ -31,7 +31,7 @@ lint: setup
 	$(PY) -m ruff format --check keras_vmoe tests benchmarks guides
 
 demo: setup
-	KERAS_BACKEND=jax $(VENV)/bin/keras-vmoe demo
+	$(VENV)/bin/keras-vmoe --backend jax demo
 
 bench: setup
 	KERAS_BACKEND=jax $(PY) -m benchmarks.run

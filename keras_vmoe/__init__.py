@@ -4,7 +4,13 @@ Importing the package registers every public layer and model for Keras
 serialization (package "keras_vmoe").
 """
 
-from keras_vmoe import layers, routers
+import os
+
+# TensorFlow's C++ start-up chatter hides the useful output; keep a user's
+# own setting if there is one.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_vmoe import layers, routers  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["layers", "routers"]

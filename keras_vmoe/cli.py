@@ -1,0 +1,76 @@
+"""The `keras-vmoe` command.
+
+    keras-vmoe demo      route and train a tiny MoE stack with every router
+
+Each subcommand lives in its own module and adds itself in `_COMMANDS`.
+Bad arguments print a one-line error and exit with status 2.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand -> module with `add_arguments(parser)` and `run(args)`.
+_COMMANDS = {
+    "demo": "keras_vmoe.demo",
+}
+
+
+class UsageError(ValueError):
+    """A bad command-line argument: reported in one line, exit status 2."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-vmoe",
+        description="Vision Mixture of Experts for Keras 3: routers, models, studies.",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("jax", "tensorflow", "torch"),
+        default=None,
+        help="Keras backend (default: $KERAS_BACKEND or ~/.keras/keras.json).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in _COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        command = sub.add_parser(name, help=doc, description=doc)
+        module.add_arguments(command)
+        command.set_defaults(module=module_name)
+    return parser
+
+
+def _select_backend(argv):
+    """Honours --backend.
+
+    Importing `keras_vmoe` imports Keras, which fixes its backend at import
+    time (from $KERAS_BACKEND or ~/.keras/keras.json). When --backend asks
+    for another one, the command restarts itself with $KERAS_BACKEND set.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backend", choices=("jax", "tensorflow", "torch"))
+    known, _ = pre.parse_known_args(argv)
+    import keras
+
+    if known.backend and known.backend != keras.backend.backend():
+        env = dict(os.environ, KERAS_BACKEND=known.backend)
+        os.execve(sys.executable, [sys.executable, "-m", "keras_vmoe.cli", *argv], env)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _select_backend(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args.module)
+    try:
+        return module.run(args) or 0
+    except UsageError as error:
+        print(f"keras-vmoe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
