@@ -130,7 +130,7 @@ def built(router, noise=None):
     if noise is not None:
         # Replace the random gating noise by a known one (training only).
         router.add_noise = lambda logits, training=False: (
-            logits + noise if training else logits
+            ops.add(logits, ops.convert_to_tensor(noise)) if training else logits
         )
     return router
 

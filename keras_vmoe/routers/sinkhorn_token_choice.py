@@ -1,0 +1,146 @@
+"""Sinkhorn Token Choice router (Liu et al. 2024, arXiv 2401.15969, router 2)."""
+
+import keras
+from keras import ops
+
+from keras_vmoe.ot import sinkhorn_plan
+from keras_vmoe.routers import losses
+from keras_vmoe.routers.allocation import token_choice
+from keras_vmoe.routers.base import (
+    DenseGatingRouter,
+    check_non_negative,
+    check_positive_int,
+)
+
+
+def check_positive_float(name, value):
+    """`value` as a float, or a ValueError naming `name` unless it is > 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"`{name}` must be a number > 0, got {value!r}.")
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class SinkhornTokenChoiceRouter(DenseGatingRouter):
+    """Each token picks its top-K experts on a balanced (Sinkhorn) plan.
+
+    The (noisy) gating logits are turned into an entropic optimal-transport
+    plan with kernel `exp(logits / epsilon)`, token marginals 1 and expert
+    marginals `S / E` (`num_iters` Sinkhorn iterations from `u = v = 1`, see
+    `keras_vmoe.ot.sinkhorn_plan`). Token Choice then runs on the plan: each
+    token picks its top-K experts by plan value, first choices before second
+    choices, and with batch priority routing tokens with a larger maximum
+    plan value go first. The combine weights are `softmax(clean logits)` at
+    the chosen pairs, so the gating kernel learns through them; no gradient
+    flows through the plan. No auxiliary loss by default.
+
+    Capacity counts `S * K` token choices: `C = ceil(S * K * factor / E)`.
+
+    Paper: https://arxiv.org/abs/2401.15969 (Sinkhorn: Cuturi 2013,
+    https://arxiv.org/abs/1306.0895).
+
+    Args:
+        num_experts: int. Number of experts `E`.
+        num_selected_experts: int. `K`, experts per token. Defaults to 2.
+        capacity_factor: float. Defaults to 1.05.
+        batch_priority: bool. Batch priority routing, by the maximum plan
+            value of each token. Defaults to `False`.
+        num_iters: int. Sinkhorn iterations. Defaults to 20.
+        epsilon: float. Entropic regularisation of the plan. Defaults to 1.0.
+        importance_loss_weight: float. Optional importance loss on
+            `softmax(clean logits)`. Defaults to 0.
+        load_loss_weight: float. Optional load loss (only when noise is on).
+            Defaults to 0.
+        **kwargs: `eval_capacity_factor`, `capacity`, `capacity_multiple_of`,
+            `noise_std`, `seed`, `kernel_initializer` and base layer
+            arguments, see `DenseGatingRouter`.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> router = SinkhornTokenChoiceRouter(num_experts=4)
+    >>> routing = router(np.random.rand(2, 8, 16).astype("float32"))
+    >>> routing.capacity  # ceil(8 * 2 * 1.05 / 4) = 5 -> 8
+    8
+    >>> float(ops.convert_to_numpy(routing.slot_mask).sum())  # 2 * 8 * K kept
+    32.0
+    """
+
+    counts_selected_experts = True
+
+    def __init__(
+        self,
+        num_experts,
+        num_selected_experts=2,
+        capacity_factor=1.05,
+        batch_priority=False,
+        num_iters=20,
+        epsilon=1.0,
+        importance_loss_weight=0.0,
+        load_loss_weight=0.0,
+        **kwargs,
+    ):
+        super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
+        self.num_selected_experts = check_positive_int(
+            "num_selected_experts", num_selected_experts
+        )
+        if self.num_selected_experts > self.num_experts:
+            raise ValueError(
+                f"`num_selected_experts` ({num_selected_experts}) must be at most "
+                f"`num_experts` ({num_experts})."
+            )
+        self.batch_priority = bool(batch_priority)
+        self.num_iters = check_positive_int("num_iters", num_iters)
+        self.epsilon = check_positive_float("epsilon", epsilon)
+        self.importance_loss_weight = check_non_negative(
+            "importance_loss_weight", importance_loss_weight
+        )
+        self.load_loss_weight = check_non_negative("load_loss_weight", load_loss_weight)
+
+    def call(self, x, training=False):
+        clean, noisy = self.gating_logits(x, training)  # (G, S, E) each
+        plan = sinkhorn_plan(noisy, self.num_iters, self.epsilon)  # (G, S, E)
+        k = self.num_selected_experts
+        capacity = self.group_capacity(ops.shape(x)[1], training, k)
+        routing = token_choice(
+            plan,
+            k,
+            capacity,
+            self.batch_priority,
+            combine_weights=ops.softmax(clean, axis=-1),
+        )
+        return routing.with_auxiliary_loss(*self.auxiliary_loss(clean, noisy, training))
+
+    def auxiliary_loss(self, clean, noisy, training):
+        """Weighted sum of the enabled losses `(G,)`, and each loss by name."""
+        parts = {}
+        if self.importance_loss_weight > 0:
+            parts["importance_loss"] = (
+                self.importance_loss_weight,
+                losses.importance_loss(ops.softmax(clean, axis=-1)),
+            )
+        if self.load_loss_weight > 0 and training and self.noise_std > 0:
+            parts["load_loss"] = (
+                self.load_loss_weight,
+                losses.load_loss(
+                    clean, noisy, self.noise_std, self.num_selected_experts
+                ),
+            )
+        if not parts:
+            return None, {}
+        total = sum(weight * value for weight, value in parts.values())
+        return total, {name: value for name, (_, value) in parts.items()}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_selected_experts": self.num_selected_experts,
+                "batch_priority": self.batch_priority,
+                "num_iters": self.num_iters,
+                "epsilon": self.epsilon,
+                "importance_loss_weight": self.importance_loss_weight,
+                "load_loss_weight": self.load_loss_weight,
+            }
+        )
+        return config
