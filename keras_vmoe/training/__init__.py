@@ -1,0 +1,23 @@
+"""The pre-training recipe: losses, optimiser, learning-rate schedules."""
+
+from keras_vmoe.training.losses import SigmoidCrossEntropy
+from keras_vmoe.training.optimizer import (
+    SOFT_MOE_WEIGHT_DECAY,
+    VMOE_WEIGHT_DECAY,
+    DecoupledWeightDecayAdam,
+)
+from keras_vmoe.training.schedules import (
+    WarmupLinearDecay,
+    WarmupRsqrtCooldown,
+    warmup_cosine,
+)
+
+__all__ = [
+    "DecoupledWeightDecayAdam",
+    "SOFT_MOE_WEIGHT_DECAY",
+    "SigmoidCrossEntropy",
+    "VMOE_WEIGHT_DECAY",
+    "WarmupLinearDecay",
+    "WarmupRsqrtCooldown",
+    "warmup_cosine",
+]

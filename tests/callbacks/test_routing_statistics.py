@@ -1,0 +1,47 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_vmoe.callbacks.routing import RoutingStatistics, moe_layers
+from keras_vmoe.layers import MlpExperts, MoE
+from keras_vmoe.routers import SoftmaxExpertChoiceRouter
+
+
+def make_model():
+    # E=4, groups of 12 tokens. Training capacity ceil(12 * 1.0 / 4) = 3,
+    # rounded up to 4 slots; evaluation capacity ceil(12 * 2.0 / 4) = 6 -> 8.
+    router = SoftmaxExpertChoiceRouter(4, capacity_factor=1.0, eval_capacity_factor=2.0)
+    inputs = keras.Input((6, 8))
+    h = MoE(router, MlpExperts(4, 16), group_size=12, name="moe_a")(inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_logs_training_statistics_even_with_validation():
+    model = make_model()
+    assert [layer.name for layer in moe_layers(model)] == ["moe_a"]
+    x = np.random.default_rng(0).normal(size=(24, 6, 8)).astype("float32")
+    y = np.arange(24) % 2
+    history = model.fit(
+        x,
+        y,
+        batch_size=12,
+        epochs=2,
+        validation_data=(x, y),
+        callbacks=[RoutingStatistics()],
+        verbose=0,
+    )
+    logs = history.history
+    # Expert Choice in training: E * C / S = 4 * 4 / 12 experts per token.
+    # (Validation runs at 4 * 8 / 12 = 2.67 and must not leak in.)
+    assert logs["routing/moe_a/experts_per_token"] == pytest.approx([4 * 4 / 12] * 2)
+    assert logs["routing/moe_a/load_imbalance"] == pytest.approx([1.0, 1.0])
+    assert logs["routing/moe_a/auxiliary_loss"] == [0.0, 0.0]
+    assert "routing/moe_a/fraction_tokens_dropped" in logs
+
+
+def test_unknown_statistic():
+    with pytest.raises(ValueError, match="statistics"):
+        RoutingStatistics(statistics=["nope"])
