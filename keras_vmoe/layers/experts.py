@@ -49,8 +49,8 @@ class MlpExperts(keras.layers.Layer):
     `output_bias (E, d)`. All experts run in one batched einsum over the
     expert axis, so the cost is that of the slots actually filled.
 
-    Input `(..., E, C, d)` (e.g. `(G, E, C, d)` from a `Routing`), output of
-    the same shape.
+    Input `(E, ..., d)` (e.g. `(E, G, C, d)` from `Routing.dispatch`),
+    output of the same shape.
 
     Args:
         num_experts: int. `E`.
@@ -66,8 +66,8 @@ class MlpExperts(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> experts = MlpExperts(num_experts=4, hidden_dim=32)
-    >>> experts(np.zeros((2, 4, 3, 16), "float32")).shape
-    (2, 4, 3, 16)
+    >>> experts(np.zeros((4, 2, 3, 16), "float32")).shape
+    (4, 2, 3, 16)
     """
 
     def __init__(
@@ -92,9 +92,9 @@ class MlpExperts(keras.layers.Layer):
         self.dropout = keras.layers.Dropout(dropout_rate, seed=seed, name="dropout")
 
     def build(self, input_shape):
-        if len(input_shape) < 3 or input_shape[-3] != self.num_experts:
+        if len(input_shape) < 3 or input_shape[0] != self.num_experts:
             raise ValueError(
-                "MlpExperts expects inputs (..., num_experts, slots, dim) with "
+                "MlpExperts expects inputs (num_experts, ..., dim) with "
                 f"num_experts={self.num_experts}, got shape {tuple(input_shape)}."
             )
         e, d, h = self.num_experts, input_shape[-1], self.hidden_dim
@@ -113,12 +113,14 @@ class MlpExperts(keras.layers.Layer):
         )
 
     def call(self, x, training=False):
-        h = ops.einsum("...ecd,edh->...ech", x, self.intermediate_kernel)
+        shape = ops.shape(x)
+        x = ops.reshape(x, (self.num_experts, -1, shape[-1]))  # (E, M, d)
+        h = ops.matmul(x, self.intermediate_kernel)  # (E, M, h)
         h = self.activation(h + self.intermediate_bias[:, None, :])
         h = self.dropout(h, training=training)
-        y = ops.einsum("...ech,ehd->...ecd", h, self.output_kernel)
-        y = y + self.output_bias[:, None, :]
-        return self.dropout(y, training=training)
+        y = ops.matmul(h, self.output_kernel)  # (E, M, d)
+        y = self.dropout(y + self.output_bias[:, None, :], training=training)
+        return ops.reshape(y, shape)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -21,11 +21,14 @@ class MoE(keras.layers.Layer):
     Tokens `(B, T, d)` are flattened and cut into groups of `group_size`
     consecutive tokens `(G, S, d)` (so consecutive images share a group).
     The router decides a `Routing` per group; the layer gathers each slot's
-    input `(G, E, C, d)`, runs all experts as one batched computation, and
+    input `(E, G, C, d)`, runs all experts as one batched computation, and
     combines the slot outputs back onto the tokens. Sparse routings are
     executed with gathers and segment sums (memory linear in the group);
     `use_einsum_dispatch=True` runs the dense `(G, S, E, C)` reference
     instead (same outputs, for tests and teaching).
+
+    A group that contains a NaN or Inf value returns NaN for all its tokens
+    (other groups are unaffected), never a silently wrong routing.
 
     The router's auxiliary loss (mean over groups) is added with `add_loss`.
     The latest routing statistics are kept in non-trainable variables named
@@ -98,8 +101,8 @@ class MoE(keras.layers.Layer):
         if not self.router.built:
             self.router.build(group_shape)
         if not self.experts.built:
-            # (G, E, C, d); C depends on training vs evaluation capacity.
-            self.experts.build((None, self.experts.num_experts, None, group_shape[-1]))
+            # (E, G, C, d); C depends on training vs evaluation capacity.
+            self.experts.build((self.experts.num_experts, None, None, group_shape[-1]))
         for name in STATISTICS:
             setattr(
                 self,
@@ -125,20 +128,30 @@ class MoE(keras.layers.Layer):
         self._group_shape(x.shape)
         routing, groups = self.route(x, training)
         if self.use_einsum_dispatch:
-            expert_inputs = routing.einsum_dispatch(groups)  # (G, E, C, d)
+            expert_inputs = routing.einsum_dispatch(groups)  # (E, G, C, d)
         else:
-            expert_inputs = routing.dispatch(groups)  # (G, E, C, d)
+            expert_inputs = routing.dispatch(groups)  # (E, G, C, d)
         expert_outputs = self.experts(expert_inputs, training=training)
         if self.use_einsum_dispatch:
             outputs = routing.einsum_combine(expert_outputs)  # (G, S, d)
         else:
             outputs = routing.combine(expert_outputs)  # (G, S, d)
+        outputs = self._poison_non_finite_groups(groups, outputs)
         if routing.auxiliary_loss is not None:
             self.add_loss(ops.mean(routing.auxiliary_loss))
         stats = routing.statistics()
         for name in STATISTICS:
             getattr(self, name).assign(ops.cast(stats[name], "float32"))
         return ops.reshape(ops.cast(outputs, x.dtype), ops.shape(x))
+
+    @staticmethod
+    def _poison_non_finite_groups(groups, outputs):
+        # A NaN or Inf token gets arbitrary scores and could take the slots
+        # of healthy tokens in its group. Rather than return a silently wrong
+        # routing, every token of such a group gets NaN.
+        finite = ops.all(ops.isfinite(groups), axis=(1, 2))  # (G,)
+        nan = ops.cast(float("nan"), outputs.dtype)
+        return ops.where(finite[:, None, None], outputs, nan)
 
     def routing_statistics(self):
         """The latest routing statistics as Python floats."""

@@ -111,35 +111,45 @@ class Routing:
     # ------------------------------------------------------------------
     # Execution: the fast path used by the MoE layer.
     # ------------------------------------------------------------------
+    def _slot_rows(self):
+        """Row of the flat `(G*S, d)` token matrix held by each slot.
+
+        Expert-major `(E, G, C)`, the layout the experts consume.
+        """
+        num_groups = ops.shape(self.slot_token)[0]
+        offsets = ops.arange(num_groups, dtype="int32")[:, None, None] * self.num_tokens
+        return ops.transpose(self.slot_token + offsets, (1, 0, 2))  # (E, G, C)
+
     def dispatch(self, x):
-        """Expert inputs for every slot.
+        """Expert inputs for every slot, expert-major.
 
         Args:
             x: tensor `(G, S, d)`.
 
         Returns:
-            tensor `(G, E, C, d)` in the dtype of `x`.
+            tensor `(E, G, C, d)` in the dtype of `x`: all of one expert's
+            slots are contiguous, so the experts run as one batched matmul
+            (and, sharded on `E`, one all-to-all moves the tokens).
         """
         x = ops.convert_to_tensor(x)
         if not self.is_sparse:
             d = ops.cast(self.dispatch_weights, x.dtype)
-            return ops.einsum("gsec,gsd->gecd", d, x)
-        num_groups = ops.shape(x)[0]
-        d_model = ops.shape(x)[-1]
-        e, c, s = self.num_experts, self.capacity, self.num_tokens
-        x_flat = ops.reshape(x, (num_groups * s, d_model))  # (G*S, d)
-        # Row of the flat token matrix held by each slot: g * S + token.
-        offsets = ops.arange(num_groups, dtype="int32")[:, None, None] * s
-        rows = ops.reshape(self.slot_token + offsets, (-1,))  # (G*E*C,)
-        gathered = ops.take(x_flat, rows, axis=0)  # (G*E*C, d)
-        gathered = ops.reshape(gathered, (num_groups, e, c, d_model))
-        return gathered * ops.cast(self.slot_mask, x.dtype)[..., None]
+            return ops.einsum("gsec,gsd->egcd", d, x)
+        num_groups, _, d_model = ops.shape(x)
+        x_flat = ops.reshape(x, (num_groups * self.num_tokens, d_model))  # (G*S, d)
+        rows = ops.reshape(self._slot_rows(), (-1,))  # (E*G*C,)
+        gathered = ops.take(x_flat, rows, axis=0)  # (E*G*C, d)
+        gathered = ops.reshape(
+            gathered, (self.num_experts, num_groups, self.capacity, d_model)
+        )
+        mask = ops.transpose(ops.cast(self.slot_mask, x.dtype), (1, 0, 2))  # (E, G, C)
+        return gathered * mask[..., None]
 
     def combine(self, expert_outputs):
         """Token outputs from the experts' slot outputs.
 
         Args:
-            expert_outputs: tensor `(G, E, C, d)`.
+            expert_outputs: tensor `(E, G, C, d)`.
 
         Returns:
             tensor `(G, S, d)` in the dtype of `expert_outputs`.
@@ -147,16 +157,15 @@ class Routing:
         y = ops.convert_to_tensor(expert_outputs)
         if not self.is_sparse:
             w = ops.cast(self.combine_weights, y.dtype)
-            return ops.einsum("gecd,gsec->gsd", y, w)
-        num_groups = ops.shape(y)[0]
-        d_model = ops.shape(y)[-1]
-        s = self.num_tokens
-        weighted = y * ops.cast(self.slot_weight, y.dtype)[..., None]  # (G,E,C,d)
-        weighted = ops.reshape(weighted, (-1, d_model))  # (G*E*C, d)
-        offsets = ops.arange(num_groups, dtype="int32")[:, None, None] * s
-        rows = ops.reshape(self.slot_token + offsets, (-1,))  # (G*E*C,)
-        out = ops.segment_sum(weighted, rows, num_segments=num_groups * s)
-        return ops.reshape(out, (num_groups, s, d_model))  # (G, S, d)
+            return ops.einsum("egcd,gsec->gsd", y, w)
+        _, num_groups, _, d_model = ops.shape(y)
+        weight = ops.transpose(
+            ops.cast(self.slot_weight, y.dtype), (1, 0, 2)
+        )  # (E, G, C)
+        weighted = ops.reshape(y * weight[..., None], (-1, d_model))  # (E*G*C, d)
+        rows = ops.reshape(self._slot_rows(), (-1,))  # (E*G*C,)
+        out = ops.segment_sum(weighted, rows, num_segments=num_groups * self.num_tokens)
+        return ops.reshape(out, (num_groups, self.num_tokens, d_model))  # (G, S, d)
 
     # ------------------------------------------------------------------
     # The definition: dense tensors and the einsum reference path.
@@ -183,13 +192,13 @@ class Routing:
         """Reference dispatch through the dense tensor (quadratic memory)."""
         x = ops.convert_to_tensor(x)
         d = ops.cast(self.dispatch_tensor(), x.dtype)
-        return ops.einsum("gsec,gsd->gecd", d, x)  # (G, E, C, d)
+        return ops.einsum("gsec,gsd->egcd", d, x)  # (E, G, C, d)
 
     def einsum_combine(self, expert_outputs):
         """Reference combine through the dense tensor (quadratic memory)."""
         y = ops.convert_to_tensor(expert_outputs)
         w = ops.cast(self.combine_tensor(), y.dtype)
-        return ops.einsum("gecd,gsec->gsd", y, w)  # (G, S, d)
+        return ops.einsum("egcd,gsec->gsd", y, w)  # (G, S, d)
 
     # ------------------------------------------------------------------
     # Statistics.

@@ -8,7 +8,7 @@ from keras_vmoe.layers import ExpertGlorotUniform, MlpExperts
 def test_experts_equal_numpy_per_expert_mlp():
     rng = np.random.default_rng(0)
     experts = MlpExperts(num_experts=3, hidden_dim=5, activation="relu")
-    x = rng.normal(size=(2, 3, 4, 6)).astype("float32")
+    x = rng.normal(size=(3, 2, 4, 6)).astype("float32")  # (E, G, C, d)
     experts.build(x.shape)
     wi = rng.normal(size=(3, 6, 5)).astype("float32")
     bi = rng.normal(size=(3, 5)).astype("float32")
@@ -27,8 +27,8 @@ def test_experts_equal_numpy_per_expert_mlp():
     expected = np.zeros_like(x)
     for g in range(2):
         for e in range(3):
-            h = np.maximum(x[g, e] @ wi[e] + bi[e], 0)
-            expected[g, e] = h @ wo[e] + bo[e]
+            h = np.maximum(x[e, g] @ wi[e] + bi[e], 0)
+            expected[e, g] = h @ wo[e] + bo[e]
     np.testing.assert_allclose(
         ops.convert_to_numpy(experts(x)), expected, rtol=1e-5, atol=1e-5
     )
@@ -55,4 +55,4 @@ def test_experts_errors():
     with pytest.raises(ValueError, match="dropout_rate"):
         MlpExperts(2, 4, dropout_rate=1.5)
     with pytest.raises(ValueError, match="num_experts=2"):
-        MlpExperts(2, 4)(np.zeros((1, 3, 4, 8), "float32"))
+        MlpExperts(2, 4)(np.zeros((3, 1, 4, 8), "float32"))

@@ -152,7 +152,7 @@ def test_index_path_equals_einsum_path(sparse):
         ops.convert_to_numpy(routing.einsum_dispatch(x)),
         atol=1e-6,
     )
-    y = rng.normal(size=(2, 4, routing.capacity, 6)).astype("float32")
+    y = rng.normal(size=(4, 2, routing.capacity, 6)).astype("float32")  # (E, G, C, d)
     np.testing.assert_allclose(
         ops.convert_to_numpy(routing.combine(y)),
         ops.convert_to_numpy(routing.einsum_combine(y)),
