@@ -1,0 +1,16 @@
+"""Keras callbacks: few-shot evaluation and routing statistics during training.
+
+Example:
+
+```python
+from keras_vmoe.callbacks import FewShotEvaluator
+
+model.fit(train_ds, epochs=10,
+          callbacks=[FewShotEvaluator({"digits": (train, test)})])
+```
+"""
+
+from keras_vmoe.callbacks.fewshot import FewShotEvaluator
+from keras_vmoe.callbacks.routing import RoutingStatistics
+
+__all__ = ["FewShotEvaluator", "RoutingStatistics"]

@@ -1,0 +1,350 @@
+"""`FewShotEvaluator`: the paper's few-shot linear metric as a Keras callback.
+
+At the end of every n-th epoch it extracts frozen features (by default the
+output of the classifier's layer named `"pre_logits"`), fits the closed-form
+ridge probe of `keras_vmoe.evaluation` and writes
+`fewshot/{dataset}/{shot}shot` into the epoch logs, where `History`,
+`ModelCheckpoint(monitor=...)` and `EarlyStopping` see it (list this
+callback before them).
+
+Only the few-shot training examples are pushed through the model: the
+sampled indices depend on the labels and the seed only, so they are drawn
+once (exactly as `fewshot_linear_accuracy` draws them on the full training
+set) and the numbers equal `fewshot_linear_accuracy` on features of the whole
+training set.
+"""
+
+import numpy as np
+from keras import callbacks, ops
+
+from keras_vmoe.evaluation import fewshot as fs
+
+PRE_LOGITS_LAYER = "pre_logits"
+
+
+def _is_dataset(obj):
+    return hasattr(obj, "element_spec") and hasattr(obj, "as_numpy_iterator")
+
+
+def _image_label(*element):
+    if len(element) == 1 and isinstance(element[0], dict):
+        d = element[0]
+        return d.get("image", d.get("images")), d.get("label", d.get("labels"))
+    if len(element) == 2:
+        return element
+    raise ValueError(
+        "A few-shot tf.data.Dataset must yield (images, labels) or "
+        "{'image', 'label'} elements."
+    )
+
+
+def _labels_to_int(labels):
+    labels = np.asarray(labels)
+    if labels.ndim == 2:  # one-hot or soft labels
+        labels = labels.argmax(axis=-1)
+    return labels.astype(np.int64)
+
+
+def _iterate_batches(dataset, batch_size):
+    """Yields NumPy `(images, int labels)` batches from a tf.data.Dataset."""
+    ds = dataset.map(lambda *e: tuple(_image_label(*e)))
+    label_spec = ds.element_spec[1]
+    # Unbatched: scalar int labels, or one (float) one-hot vector per image.
+    if label_spec.shape.rank == 0 or (
+        label_spec.shape.rank == 1
+        and label_spec.dtype.is_floating
+        and ds.element_spec[0].shape.rank == 3
+    ):
+        ds = ds.batch(batch_size)
+    for images, labels in ds.as_numpy_iterator():
+        yield images, _labels_to_int(labels)
+
+
+def _check_split(split, dataset_name, which):
+    if _is_dataset(split):
+        return split
+    if not isinstance(split, (tuple, list)) or len(split) != 2:
+        raise ValueError(
+            f"`datasets[{dataset_name!r}]` {which} must be (images, labels) "
+            f"arrays or a tf.data.Dataset, got {type(split).__name__}."
+        )
+    images, labels = np.asarray(split[0]), _labels_to_int(split[1])
+    if images.shape[0] != labels.shape[0] or labels.ndim != 1:
+        raise ValueError(
+            f"`datasets[{dataset_name!r}]` {which}: {images.shape[0]} images "
+            f"but labels of shape {labels.shape}."
+        )
+    return images, labels
+
+
+class FewShotEvaluator(callbacks.Callback):
+    """Few-shot linear-probe accuracy of frozen features, every n epochs.
+
+    For each dataset `name -> (train, test)`: sample `shot` training
+    examples per class (`keras_vmoe.evaluation.fewshot_indices`), extract
+    features of those and of the test set, fit the ridge probe for each l2
+    and write into the epoch `logs`:
+
+    - `fewshot/{name}/{shot}shot`: test accuracy (the best over `l2_regs`);
+    - `fewshot/{name}/{shot}shot_best_l2`: the l2 reaching it (only when
+      several `l2_regs` are given).
+
+    Features: `feature_fn(model, images)` if given; otherwise the output of
+    the model's layer named `"pre_logits"` (`layer_name`), which the
+    keras_vmoe classifiers expose: the callback builds
+    `keras.Model(model.inputs, model.get_layer("pre_logits").output)` once
+    and runs it with `predict_on_batch` (any backend). Images must already
+    be preprocessed as the model expects (e.g. by
+    `keras_vmoe.data.eval_pipeline` or `load_arrays`).
+
+    Args:
+        datasets: dict. Maps a name to `(train, test)`; each of those is an
+            `(images, labels)` pair of NumPy arrays or a `tf.data.Dataset`
+            yielding `(images, labels)` (batched or not; int or one-hot
+            labels). A training Dataset is read twice on first use (labels,
+            then the sampled images) and must keep its order.
+        shots: sequence of int. Examples per class. Defaults to
+            `(1, 5, 10, 25)`.
+        l2_regs: sequence of float. Ridge strengths; with several the best
+            is reported (pass `keras_vmoe.evaluation.L2_SWEEP` for
+            2^-10..2^19). Defaults to `(2.0**10,)`.
+        every_n_epochs: int. Evaluate after epochs `n, 2n, ...` (1-based).
+            Defaults to `1`.
+        seed: int. Seed of the few-shot sampling. Defaults to `0`.
+        feature_fn: callable. `feature_fn(model, images) -> (batch, d)`
+            features. Defaults to `None` (the `"pre_logits"` layer).
+        batch_size: int. Images per feature-extraction batch (for arrays and
+            unbatched Datasets). Defaults to `256`.
+        layer_name: str. Layer whose output is the feature when
+            `feature_fn` is None. Defaults to `"pre_logits"`.
+        verbose: int. 1 prints the accuracies after each evaluation.
+            Defaults to `0`.
+
+    Example:
+
+    ```python
+    evaluator = FewShotEvaluator(
+        {"digits": (load_arrays("digits", "train", 32, channels=3),
+                    load_arrays("digits", "test", 32, channels=3))},
+        shots=(1, 5), every_n_epochs=1,
+    )
+    history = classifier.fit(train_ds, epochs=2, callbacks=[evaluator])
+    history.history["fewshot/digits/5shot"]
+    ```
+    """
+
+    def __init__(
+        self,
+        datasets,
+        shots=fs.DEFAULT_SHOTS,
+        l2_regs=(fs.DEFAULT_L2,),
+        every_n_epochs=1,
+        seed=0,
+        feature_fn=None,
+        batch_size=256,
+        layer_name=PRE_LOGITS_LAYER,
+        verbose=0,
+    ):
+        super().__init__()
+        if not isinstance(datasets, dict) or not datasets:
+            raise ValueError(
+                "`datasets` must be a non-empty dict name -> (train, test), "
+                f"got {type(datasets).__name__}."
+            )
+        self.datasets = {}
+        for name, pair in datasets.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(
+                    f"`datasets` keys must be non-empty str, got {name!r}."
+                )
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"`datasets[{name!r}]` must be a (train, test) pair.")
+            self.datasets[name] = (
+                _check_split(pair[0], name, "train"),
+                _check_split(pair[1], name, "test"),
+            )
+        self.shots = fs._check_shots(shots)  # noqa: SLF001
+        self.l2_regs = tuple(float(r) for r in fs._check_l2_regs(l2_regs))  # noqa: SLF001
+        if (
+            not isinstance(every_n_epochs, int)
+            or isinstance(every_n_epochs, bool)
+            or every_n_epochs < 1
+        ):
+            raise ValueError(
+                f"`every_n_epochs` must be a positive int, got {every_n_epochs!r}."
+            )
+        if not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"`seed` must be an int, got {seed!r}.")
+        if feature_fn is not None and not callable(feature_fn):
+            raise ValueError(
+                f"`feature_fn` must be callable or None, got {feature_fn!r}."
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                f"`batch_size` must be a positive int, got {batch_size!r}."
+            )
+        if not isinstance(layer_name, str) or not layer_name:
+            raise ValueError(
+                f"`layer_name` must be a non-empty str, got {layer_name!r}."
+            )
+        self.every_n_epochs = every_n_epochs
+        self.seed = int(seed)
+        self.feature_fn = feature_fn
+        self.batch_size = batch_size
+        self.layer_name = layer_name
+        self.verbose = verbose
+        self.last_results = {}
+        self._probe_sets = {}
+        self._feature_model = None
+        self._feature_model_of = None
+        for name, (train, _) in self.datasets.items():
+            if not _is_dataset(train):  # fail early on too few examples
+                self._probe_set(name)
+
+    # Few-shot training subsets (drawn once).
+
+    def _probe_set(self, name):
+        """`(images of the sampled union, labels, {shot: rows}, classes)`."""
+        if name in self._probe_sets:
+            return self._probe_sets[name]
+        train = self.datasets[name][0]
+        if _is_dataset(train):
+            labels = np.concatenate(
+                [y for _, y in _iterate_batches(train, self.batch_size)]
+            )
+        else:
+            labels = train[1]
+        classes = np.unique(labels)
+        per_shot = {
+            shot: fs.fewshot_indices(labels, shot, seed=self.seed, classes=classes)
+            for shot in self.shots
+        }
+        union = np.unique(np.concatenate(list(per_shot.values())))
+        rows = {shot: np.searchsorted(union, idx) for shot, idx in per_shot.items()}
+        if _is_dataset(train):
+            images = self._gather(train, union, labels)
+        else:
+            images = train[0][union]
+        probe = (images, labels[union], rows, classes)
+        self._probe_sets[name] = probe
+        return probe
+
+    def _gather(self, dataset, wanted, labels):
+        chosen, offset = [], 0
+        for images, batch_labels in _iterate_batches(dataset, self.batch_size):
+            stop = offset + len(batch_labels)
+            if not np.array_equal(batch_labels, labels[offset:stop]):
+                raise ValueError(
+                    "A few-shot training tf.data.Dataset must yield the same "
+                    "order every time it is iterated (do not reshuffle it)."
+                )
+            lo, hi = np.searchsorted(wanted, [offset, stop])
+            chosen.append(images[wanted[lo:hi] - offset])
+            offset = stop
+        return np.concatenate(chosen)
+
+    # Features.
+
+    def _features_of(self, model, images):
+        if self.feature_fn is not None:
+            out = self.feature_fn(model, images)
+        else:
+            out = self._default_feature_model(model).predict_on_batch(images)
+        out = np.asarray(ops.convert_to_numpy(out))
+        return out.reshape(out.shape[0], -1)
+
+    def _default_feature_model(self, model):
+        if self._feature_model_of is not model:
+            import keras
+
+            try:
+                layer = model.get_layer(self.layer_name)
+            except ValueError as e:
+                raise ValueError(
+                    f"The model has no layer named {self.layer_name!r}: pass "
+                    "`feature_fn=lambda model, images: ...` or `layer_name`."
+                ) from e
+            inputs = model.inputs
+            inputs = inputs[0] if len(inputs) == 1 else inputs
+            self._feature_model = keras.Model(inputs, layer.output)
+            self._feature_model_of = model
+        return self._feature_model
+
+    def _array_features(self, model, images):
+        return np.concatenate(
+            [
+                self._features_of(model, images[i : i + self.batch_size])
+                for i in range(0, len(images), self.batch_size)
+            ]
+        )
+
+    def _test_features(self, model, test):
+        if not _is_dataset(test):
+            return self._array_features(model, test[0]), test[1]
+        feats, labels = [], []
+        for images, batch_labels in _iterate_batches(test, self.batch_size):
+            feats.append(self._features_of(model, images))
+            labels.append(batch_labels)
+        return np.concatenate(feats), np.concatenate(labels)
+
+    # Evaluation.
+
+    def evaluate_now(self, model=None):
+        """Run the few-shot evaluation now and return the metrics.
+
+        Args:
+            model: keras.Model. The model to evaluate. Defaults to `None`
+                (the model this callback is attached to).
+
+        Returns:
+            Dict of the metrics written to the logs, e.g.
+            `{"fewshot/digits/5shot": 0.93}`; the full `{dataset: {shot:
+            {l2: accuracy}}}` is kept in `self.last_results`.
+
+        Example:
+
+        ```python
+        metrics = FewShotEvaluator({"digits": (train, test)}).evaluate_now(model)
+        ```
+        """
+        model = model if model is not None else self.model
+        if model is None:
+            raise ValueError("`model` is required when the callback is not attached.")
+        metrics, results = {}, {}
+        for name, (_, test) in self.datasets.items():
+            images, labels, rows, classes = self._probe_set(name)
+            train_features = self._array_features(model, images)
+            test_features, test_labels = self._test_features(model, test)
+            results[name] = {
+                shot: fs.linear_probe_accuracy(
+                    train_features[rows[shot]],
+                    labels[rows[shot]],
+                    test_features,
+                    test_labels,
+                    self.l2_regs,
+                    classes=classes,
+                )
+                for shot in self.shots
+            }
+            for shot, (l2, acc) in fs.best_l2(results[name]).items():
+                metrics[f"fewshot/{name}/{shot}shot"] = acc
+                if len(self.l2_regs) > 1:
+                    metrics[f"fewshot/{name}/{shot}shot_best_l2"] = l2
+        self.last_results = results
+        if self.verbose:
+            print(" - ".join(f"{k}: {v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    def on_epoch_end(self, epoch, logs=None):
+        """Evaluate after every `every_n_epochs`-th epoch; add to `logs`.
+
+        Args:
+            epoch: int. Index of the epoch that ended (0-based).
+            logs: dict. The epoch logs, updated in place. Defaults to
+                `None`.
+        """
+        if (epoch + 1) % self.every_n_epochs:
+            return
+        metrics = self.evaluate_now(self.model)
+        if logs is not None:
+            logs.update(metrics)

@@ -1,0 +1,209 @@
+"""`load` (tf.data from TFDS) and `load_arrays` (NumPy), never online by default.
+
+Bundled datasets (`animal_mnist`, `digits`) are prepared on first use into
+`data_dir` from files already on disk. Any other name goes to TFDS: if the
+user has prepared it (`tfds build NAME`), it loads; if not, `load` raises
+`DatasetNotPreparedError` saying how to prepare it, unless the caller asked
+for `download=True`.
+"""
+
+import contextlib
+import io
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from keras_vmoe.data import bundled
+from keras_vmoe.data.builders import BUILDERS
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A TFDS dataset was requested that is not prepared in `data_dir`.
+
+    Raised by `keras_vmoe.data.load` instead of going online. The message
+    says how to prepare the dataset (`tfds build NAME --data_dir DIR`, or
+    `load(..., download=True)`).
+
+    Example:
+
+    ```python
+    try:
+        load("cifar10", "train", data_dir="/tmp/empty")
+    except DatasetNotPreparedError as e:
+        print(e)
+    ```
+    """
+
+
+def _offline_config():
+    return tfds.download.DownloadConfig(try_download_gcs=False)
+
+
+def _prepare_quietly(builder):
+    """Prepare a bundled (local, seconds-long) dataset without TFDS chatter."""
+    tqdm_utils = tfds.core.utils.tqdm_utils
+    was_active = getattr(tqdm_utils, "_active", True)
+    tqdm_utils.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(download_config=_offline_config())
+    finally:
+        tqdm_utils.display_progress_bar(was_active)
+
+
+def _not_prepared_message(name, data_dir):
+    where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets)"
+    dir_flag = f" --data_dir {data_dir}" if data_dir else ""
+    return (
+        f"TFDS dataset {name!r} is not prepared in {where}. keras_vmoe never "
+        "downloads by default. Prepare it once with `tfds build "
+        f"{name.split(':')[0]}{dir_flag}` (datasets with a manual download, "
+        "e.g. imagenet2012, also need `--manual_dir`), or call "
+        f"`keras_vmoe.data.load({name!r}, split, download=True)`."
+    )
+
+
+def _builder(name, data_dir):
+    if name in BUILDERS:
+        return BUILDERS[name](data_dir=data_dir)
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f"`name`={name!r} is neither a bundled dataset {bundled.BUNDLED_NAMES} "
+            "nor a TFDS dataset (see `tfds.list_builders()`)."
+        ) from e
+
+
+def load(
+    name,
+    split,
+    data_dir=None,
+    download=False,
+    shuffle_files=False,
+    as_supervised=False,
+):
+    """Load a dataset split as a `tf.data.Dataset`, without going online.
+
+    Bundled datasets (`"animal_mnist"`, `"digits"`) are prepared on first
+    use into `data_dir` from local files (a few seconds). Any other name is a
+    TFDS dataset (`"cifar10"`, `"imagenet2012"`, `"cifar10:3.0.2"`) that must
+    already be prepared there, else `DatasetNotPreparedError` is raised with
+    the command that prepares it.
+
+    Args:
+        name: str. `"animal_mnist"`, `"digits"` or a TFDS dataset name.
+        split: str. TFDS split, e.g. `"train"`, `"test"`, `"train[:10%]"`.
+        data_dir: str. TFDS data directory. Defaults to `None` (TFDS
+            default: `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+        download: bool. Let TFDS download and prepare a dataset that is not
+            prepared (network). Defaults to `False`.
+        shuffle_files: bool. Shuffle the order of the files read. Defaults
+            to `False`.
+        as_supervised: bool. Yield `(image, label)` tuples instead of
+            `{"image", "label", ...}` dicts. Defaults to `False`.
+
+    Returns:
+        A `tf.data.Dataset` of dicts with at least `"image"` (uint8
+        `(H, W, C)`) and `"label"` (int64), or `(image, label)` tuples.
+
+    Example:
+
+    >>> ds = load("digits", "test")
+    >>> int(ds.cardinality())
+    360
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a non-empty str, got {name!r}.")
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"`split` must be a non-empty str, got {split!r}.")
+    builder = _builder(name, data_dir)
+    if name in BUILDERS:
+        if not builder.is_prepared():
+            _prepare_quietly(builder)
+    elif download:
+        builder.download_and_prepare()
+    try:
+        return builder.as_dataset(
+            split=split, shuffle_files=shuffle_files, as_supervised=as_supervised
+        )
+    except AssertionError as e:
+        if "could not find data" not in str(e):
+            raise
+        raise DatasetNotPreparedError(_not_prepared_message(name, data_dir)) from e
+
+
+def _to_unit_range(images):
+    return (images.astype(np.float32) / np.float32(127.5)) - np.float32(1.0)
+
+
+def _convert_channels(images, channels):
+    if channels is None or images.shape[-1] == channels:
+        return images
+    if channels == 3 and images.shape[-1] == 1:
+        return np.repeat(images, 3, axis=-1)
+    if channels == 1 and images.shape[-1] == 3:
+        return np.asarray(tf.image.rgb_to_grayscale(images))
+    raise ValueError(
+        f"Cannot convert {images.shape[-1]} channels to `channels`={channels}."
+    )
+
+
+def load_arrays(name, split, image_size=None, data_dir=None, channels=None):
+    """Load a small dataset split into memory as NumPy arrays in (-1, 1).
+
+    For the bundled datasets and the plain `"train"` / `"test"` splits this
+    reads the local files directly (no TFDS preparation); the examples are
+    the same as `load`'s, in the split's permutation order (TFDS stores them
+    in its own hashed order). Other names and splits go through `load`
+    (same offline rules) and `eval_pipeline(..., crop_fraction=None)`.
+
+    Args:
+        name: str. `"animal_mnist"`, `"digits"` or a prepared TFDS dataset.
+        split: str. Split name, e.g. `"train"` or `"test[:50%]"`.
+        image_size: int or tuple `(height, width)`. Resize (bilinear,
+            antialiased, whole image, no crop) to this size. Defaults to
+            `None` (native size; required to be fixed for TFDS datasets
+            whose images vary in size).
+        data_dir: str. TFDS data directory. Defaults to `None` (TFDS
+            default).
+        channels: int. Convert to 1 or 3 channels (grayscale is repeated to
+            RGB). Defaults to `None` (keep the dataset's channels).
+
+    Returns:
+        `(images, labels)`: float32 `(N, H, W, C)` with values in [-1, 1]
+        (`x / 127.5 - 1`) and int64 `(N,)`.
+
+    Example:
+
+    >>> x, y = load_arrays("digits", "train", image_size=16)
+    >>> x.shape, x.dtype.name, float(x.min()) >= -1.0
+    ((1437, 16, 16, 1), 'float32', True)
+    """
+    from keras_vmoe.data.pipelines import _as_size, eval_pipeline
+
+    if channels not in (None, 1, 3):
+        raise ValueError(f"`channels` must be None, 1 or 3, got {channels!r}.")
+    size = None if image_size is None else _as_size(image_size, "image_size")
+    if name in bundled.BUNDLED_NAMES and split in ("train", "test"):
+        images, labels = bundled.bundled_arrays(name, split)
+        if size is None or tuple(images.shape[1:3]) == size:
+            images = _convert_channels(images, channels)
+            return np.clip(_to_unit_range(images), -1.0, 1.0), labels
+        ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+    else:
+        ds = load(name, split, data_dir=data_dir)
+    if size is None:
+        spec = ds.element_spec["image"]
+        if None in spec.shape[:2]:
+            raise ValueError(f"Images of {name!r} vary in size: pass `image_size`.")
+        size = tuple(spec.shape[:2])
+    ds = eval_pipeline(ds, size, batch_size=1024, crop_fraction=None, channels=channels)
+    xs, ys = [], []
+    for x, y in ds.as_numpy_iterator():
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise ValueError(f"Split {split!r} of {name!r} is empty.")
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)

@@ -1,0 +1,166 @@
+"""FewShotEvaluator writes the few-shot accuracies into the epoch logs."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_vmoe.callbacks import FewShotEvaluator
+from keras_vmoe.data import load_arrays
+from keras_vmoe.evaluation import best_l2, fewshot_linear_accuracy
+
+SHOTS = (1, 5)
+L2S = (1.0, 1024.0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_arrays("digits", "train"), load_arrays("digits", "test")
+
+
+def tiny_classifier():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    features = keras.layers.Dense(16, activation="relu", name="pre_logits")(x)
+    logits = keras.layers.Dense(10, name="logits")(features)
+    model = keras.Model(inputs, logits)
+    model.compile(
+        keras.optimizers.SGD(0.05),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def expected_metrics(model, train, test, name, l2s=L2S):
+    """Features of the *whole* sets, then `fewshot_linear_accuracy` directly."""
+    extractor = keras.Model(model.input, model.get_layer("pre_logits").output)
+    f_train = extractor.predict(train[0], batch_size=256, verbose=0)
+    f_test = extractor.predict(test[0], batch_size=256, verbose=0)
+    result = fewshot_linear_accuracy(
+        f_train, train[1], f_test, test[1], shots=SHOTS, l2_regs=l2s, seed=0
+    )
+    metrics = {}
+    for shot, (l2, acc) in best_l2(result).items():
+        metrics[f"fewshot/{name}/{shot}shot"] = acc
+        if len(l2s) > 1:
+            metrics[f"fewshot/{name}/{shot}shot_best_l2"] = l2
+    return metrics
+
+
+def test_values_reach_history_and_match_direct_computation(digits):
+    train, test = digits
+    keras.utils.set_random_seed(0)
+    model = tiny_classifier()
+    datasets = {
+        "digits": (train, test),
+        # Same data as a tf.data pipeline: unbatched train, batched test.
+        "digits_ds": (
+            tf.data.Dataset.from_tensor_slices(train),
+            tf.data.Dataset.from_tensor_slices(test).batch(100),
+        ),
+        # One-hot labels in {"image", "label"} dicts, batched.
+        "digits_onehot": (
+            tf.data.Dataset.from_tensor_slices(
+                {"image": train[0], "label": np.eye(10, dtype="float32")[train[1]]}
+            ).batch(200),
+            test,
+        ),
+    }
+    evaluator = FewShotEvaluator(datasets, shots=SHOTS, l2_regs=L2S, batch_size=128)
+    seen = []
+
+    def check(epoch, logs):  # runs right after the evaluator, same weights
+        for name in datasets:
+            expected = expected_metrics(model, train, test, name)
+            for key, value in expected.items():
+                assert logs[key] == pytest.approx(value), (epoch, key)
+        seen.append(epoch)
+
+    history = model.fit(
+        train[0][:256],
+        train[1][:256],
+        batch_size=64,
+        epochs=2,
+        verbose=0,
+        callbacks=[evaluator, keras.callbacks.LambdaCallback(on_epoch_end=check)],
+    )
+    assert seen == [0, 1]
+    for name in datasets:
+        for shot in SHOTS:
+            accs = history.history[f"fewshot/{name}/{shot}shot"]
+            l2s = history.history[f"fewshot/{name}/{shot}shot_best_l2"]
+            assert len(accs) == 2 and all(0.1 < a <= 1.0 for a in accs)
+            assert all(v in L2S for v in l2s)
+    for name in ("digits_ds", "digits_onehot"):
+        for shot in SHOTS:
+            key = f"fewshot/{{}}/{shot}shot"
+            assert (
+                history.history[key.format(name)]
+                == history.history[key.format("digits")]
+            )
+    assert set(evaluator.last_results["digits"]) == set(SHOTS)
+    assert set(evaluator.last_results["digits"][5]) == set(L2S)
+
+
+def test_every_n_epochs_single_l2_and_feature_fn(digits):
+    train, test = digits
+    model = tiny_classifier()
+    calls = []
+
+    def feature_fn(m, images):
+        calls.append(len(images))
+        return keras.ops.reshape(keras.ops.convert_to_tensor(images), (len(images), -1))
+
+    evaluator = FewShotEvaluator(
+        {"raw": (train, test)}, shots=(5,), every_n_epochs=2, feature_fn=feature_fn
+    )
+    history = model.fit(
+        train[0][:64],
+        train[1][:64],
+        batch_size=64,
+        epochs=3,
+        verbose=0,
+        callbacks=[evaluator],
+    )
+    assert len(history.history["fewshot/raw/5shot"]) == 1  # after epoch 2 only
+    assert "fewshot/raw/5shot_best_l2" not in history.history
+    # Pixels as features: equal to the direct computation on raw pixels.
+    direct = fewshot_linear_accuracy(
+        train[0].reshape(len(train[0]), -1),
+        train[1],
+        test[0].reshape(len(test[0]), -1),
+        test[1],
+        shots=(5,),
+    )
+    assert history.history["fewshot/raw/5shot"][0] == pytest.approx(direct[5][1024.0])
+    assert calls[0] == 50  # only the 5-shot x 10-class subset is featurised
+
+
+def test_evaluate_now_and_errors(digits):
+    train, test = digits
+    model = tiny_classifier()
+    metrics = FewShotEvaluator({"d": (train, test)}, shots=(1,)).evaluate_now(model)
+    assert set(metrics) == {"fewshot/d/1shot"}
+    expected = expected_metrics(model, train, test, "d", l2s=(1024.0,))
+    assert metrics["fewshot/d/1shot"] == pytest.approx(expected["fewshot/d/1shot"])
+
+    inputs = keras.Input((8, 8, 1))
+    no_pre_logits = keras.Model(inputs, keras.layers.Flatten()(inputs))
+    with pytest.raises(ValueError, match="pre_logits"):
+        FewShotEvaluator({"d": (train, test)}, shots=(1,)).evaluate_now(no_pre_logits)
+    with pytest.raises(ValueError, match=r"class \d+.*only"):
+        FewShotEvaluator({"d": ((train[0][:30], train[1][:30]), test)}, shots=(25,))
+    with pytest.raises(ValueError, match="`datasets`"):
+        FewShotEvaluator({})
+    with pytest.raises(ValueError, match="`datasets"):
+        FewShotEvaluator({"d": (train,)})
+    with pytest.raises(ValueError, match="`every_n_epochs`"):
+        FewShotEvaluator({"d": (train, test)}, every_n_epochs=0)
+    with pytest.raises(ValueError, match="`shots`"):
+        FewShotEvaluator({"d": (train, test)}, shots=(0,))
+    with pytest.raises(ValueError, match="`l2_regs`"):
+        FewShotEvaluator({"d": (train, test)}, l2_regs=(-1.0,))
+    with pytest.raises(ValueError, match="`feature_fn`"):
+        FewShotEvaluator({"d": (train, test)}, feature_fn=3)
+    with pytest.raises(ValueError, match="`batch_size`"):
+        FewShotEvaluator({"d": (train, test)}, batch_size=0)
