@@ -15,6 +15,31 @@ _ADAM_BETA_2 = 0.999
 _ADAM_EPSILON = 1e-8
 
 
+def _scatter_last_axis(values, indices, n):
+    """Dense `(..., n)` tensor with `values` at `indices` along the last axis.
+
+    Args:
+        values: float tensor `(..., k)`.
+        indices: int tensor `(..., k)`. Distinct positions in `[0, n)` per row.
+        n: int. Length of the output's last axis.
+
+    Returns:
+        float32 tensor `(..., n)`, zero where no index points.
+    """
+    lead_shape = ops.shape(values)[:-1]
+    k = values.shape[-1]
+    flat_values = ops.reshape(values, (-1,))  # (M * k,)
+    columns = ops.reshape(ops.cast(indices, "int32"), (-1, k))  # (M, k)
+    rows = ops.arange(ops.shape(columns)[0], dtype="int32")[:, None]  # (M, 1)
+    rows = ops.broadcast_to(rows, ops.shape(columns))  # (M, k)
+    coords = ops.stack([ops.reshape(rows, (-1,)), ops.reshape(columns, (-1,))], 1)
+    zeros = ops.zeros((ops.shape(columns)[0], n), "float32")  # (M, n)
+    # `scatter_update` (not `scatter`, a Python loop on torch): vectorised on
+    # every backend; the positions are distinct, so no accumulation is needed.
+    dense = ops.scatter_update(zeros, coords, flat_values)  # (M, n)
+    return ops.reshape(dense, (*lead_shape, n))
+
+
 def ksparse_simplex_projection(x, k, axis=-1):
     """Euclidean projection onto the simplex with at most `k` non-zeros.
 
@@ -58,12 +83,10 @@ def ksparse_simplex_projection(x, k, axis=-1):
     ranks = ops.arange(1, k + 1, dtype="float32")  # (k,)
     cumsum = ops.cumsum(values, axis=-1)  # (..., k)
     tau = ops.max((cumsum - 1.0) / ranks, axis=-1, keepdims=True)  # (..., 1)
-    # Membership of each entry in the top-k set (by index, so ties at the k-th
-    # value never let more than k entries through).
-    positions = ops.arange(n, dtype="int32")  # (n,)
-    hits = ops.equal(indices[..., :, None], positions)  # (..., k, n)
-    in_top_k = ops.any(hits, axis=-2)  # (..., n)
-    projected = ops.where(in_top_k, ops.relu(x - tau), 0.0)  # (..., n)
+    # Scatter relu(v - tau) back to the top-k positions (linear in k; the
+    # indices are distinct, so ties at the k-th value never add entries).
+    kept = ops.relu(values - tau)  # (..., k)
+    projected = _scatter_last_axis(kept, indices, n)  # (..., n)
     return ops.moveaxis(projected, -1, axis)
 
 
@@ -121,16 +144,18 @@ def sparse_ot_plan(similarity, k, num_steps=20, learning_rate=0.01):
     similarity = ops.cast(ops.stop_gradient(similarity), "float32")  # (G, S, E)
     num_tokens, num_experts = similarity.shape[1], similarity.shape[2]
     b = num_tokens / num_experts  # expert marginal (gamma = 1)
+    # Expert-major layout, so each projection runs along the last axis.
+    similarity_t = ops.transpose(similarity, (0, 2, 1))  # (G, E, S)
 
-    def plan_at(alpha):
-        """Plan `P[:, j] = b * p_j` for dual variables `alpha` of shape (G, S)."""
-        scaled = (alpha[:, :, None] + similarity) / b  # (G, S, E)
-        return b * ksparse_simplex_projection(scaled, k, axis=1)  # (G, S, E)
+    def plan_t_at(alpha):
+        """Transposed plan `P^T[j] = b * p_j` `(G, E, S)` at `alpha` `(G, S)`."""
+        scaled = (alpha[:, None, :] + similarity_t) / b  # (G, E, S)
+        return b * ksparse_simplex_projection(scaled, k)  # (G, E, S)
 
     def adam_step(step, state):
         """One bias-corrected Adam step on the semi-dual objective."""
         alpha, m, v = state  # each (G, S)
-        grad = ops.sum(plan_at(alpha), axis=2) - 1.0  # (G, S)
+        grad = ops.sum(plan_t_at(alpha), axis=1) - 1.0  # (G, S): rowsum(P) - 1
         m = _ADAM_BETA_1 * m + (1.0 - _ADAM_BETA_1) * grad
         v = _ADAM_BETA_2 * v + (1.0 - _ADAM_BETA_2) * ops.square(grad)
         t = ops.cast(step + 1, "float32")
@@ -141,4 +166,5 @@ def sparse_ot_plan(similarity, k, num_steps=20, learning_rate=0.01):
 
     zeros = ops.zeros_like(similarity[:, :, 0])  # (G, S)
     alpha, _, _ = ops.fori_loop(0, num_steps, adam_step, (zeros, zeros, zeros))
-    return ops.stop_gradient(plan_at(alpha))
+    plan = ops.transpose(plan_t_at(alpha), (0, 2, 1))  # (G, S, E)
+    return ops.stop_gradient(plan)

@@ -344,37 +344,37 @@ def test_config_round_trip_and_keras_save_load(router_class, kwargs, tmp_path):
     np.testing.assert_array_equal(np_(model(x)), np_(loaded(x)))
 
 
-@pytest.mark.parametrize(
-    "make, match",
-    [
-        (lambda: SinkhornTokenChoiceRouter(4, num_iters=0), "num_iters"),
-        (lambda: SinkhornTokenChoiceRouter(4, epsilon=0.0), "epsilon"),
-        (lambda: SinkhornTokenChoiceRouter(4, num_selected_experts=5), "num_selected"),
-        (lambda: SinkhornTokenChoiceRouter(4, load_loss_weight=-1.0), "load_loss"),
-        (lambda: SinkhornExpertChoiceRouter(4, num_iters=-3), "num_iters"),
-        (lambda: SinkhornExpertChoiceRouter(4, epsilon=-1.0), "epsilon"),
-        (lambda: SinkhornExpertChoiceRouter(4, capacity=0), "capacity"),
-        (lambda: SparsityConstrainedExpertChoiceRouter(4, num_steps=0), "num_steps"),
-        (
-            lambda: SparsityConstrainedExpertChoiceRouter(4, learning_rate=0.0),
-            "learning_rate",
-        ),
-        (
-            lambda: SparsityConstrainedExpertChoiceRouter(4, learning_rate="a"),
-            "learning_rate",
-        ),
-        (lambda: SparsityConstrainedExpertChoiceRouter(0), "num_experts"),
-    ],
-)
-def test_bad_settings(make, match):
-    with pytest.raises(ValueError, match=match):
-        make()
+BAD_SETTINGS = [
+    (lambda: SinkhornTokenChoiceRouter(4, num_iters=0), "num_iters"),
+    (lambda: SinkhornTokenChoiceRouter(4, epsilon=0.0), "epsilon"),
+    (lambda: SinkhornTokenChoiceRouter(4, num_selected_experts=5), "num_selected"),
+    (lambda: SinkhornTokenChoiceRouter(4, load_loss_weight=-1.0), "load_loss"),
+    (lambda: SinkhornExpertChoiceRouter(4, num_iters=-3), "num_iters"),
+    (lambda: SinkhornExpertChoiceRouter(4, epsilon=-1.0), "epsilon"),
+    (lambda: SinkhornExpertChoiceRouter(4, capacity=0), "capacity"),
+    (lambda: SparsityConstrainedExpertChoiceRouter(4, num_steps=0), "num_steps"),
+    (
+        lambda: SparsityConstrainedExpertChoiceRouter(4, learning_rate=0.0),
+        "learning_rate",
+    ),
+    (
+        lambda: SparsityConstrainedExpertChoiceRouter(4, learning_rate="a"),
+        "learning_rate",
+    ),
+    (lambda: SparsityConstrainedExpertChoiceRouter(0), "num_experts"),
+]
 
 
-@pytest.mark.parametrize("router_class", ROUTER_CLASSES)
-def test_bad_input_rank(router_class):
-    with pytest.raises(ValueError, match="groups, group_size, dim"):
-        router_class(4)(X[0])
+def test_bad_settings():
+    for make, match in BAD_SETTINGS:
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+def test_bad_input_rank():
+    for router_class in ROUTER_CLASSES:
+        with pytest.raises(ValueError, match="groups, group_size, dim"):
+            router_class(4)(X[0])
 
 
 @pytest.mark.parametrize("router_class", ROUTER_CLASSES)

@@ -1,0 +1,165 @@
+"""Routing-step time of every router relative to Softmax Expert Choice.
+
+Run: `KERAS_BACKEND=jax python -m benchmarks.routing_step`.
+
+One router call (gating logits, the allocation algorithm, the sparse
+`Routing` tensors; evaluation mode, so no noise) on the same input for every
+router: G=8 groups of S=8*65=520 tokens, E=32 experts, d=384. Token Choice
+routers use K=2 at capacity factor 1.05 (the V-MoE recipe), Expert Choice
+routers factor 2.0 (the same expert compute), Soft MoE 2*S/E slots per
+expert. On JAX each router call is jitted (`stateless_call` under
+`jax.jit`); other backends run eagerly. All routers are measured side by
+side in one process: warm-up, then the median of repeated runs.
+"""
+
+import statistics
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_vmoe import routers
+
+G, S, E, D = 8, 8 * 65, 32, 384
+BASELINE = "softmax_expert_choice"
+ROUTER_SETTINGS = {
+    "softmax_token_choice": dict(num_selected_experts=2, capacity_factor=1.05),
+    "sinkhorn_token_choice": dict(num_selected_experts=2, capacity_factor=1.05),
+    "softmax_expert_choice": dict(capacity_factor=2.0),
+    "sinkhorn_expert_choice": dict(capacity_factor=2.0),
+    "sparsity_constrained_expert_choice": dict(capacity_factor=2.0),
+    "soft": dict(capacity_factor=2.0),
+}
+
+
+def _routing_tensors(routing):
+    """The tensors a `Routing` carries (sparse slots or soft weights)."""
+    if routing.is_sparse:
+        return routing.slot_token, routing.slot_mask, routing.slot_weight
+    return routing.dispatch_weights, routing.combine_weights
+
+
+def make_step(router, x):
+    """A function running one routing step and blocking until it is done.
+
+    Args:
+        router: keras.layers.Layer. A router layer.
+        x: np.ndarray. Token groups `(G, S, d)`.
+
+    Returns:
+        `(step, compile_seconds)`; `compile_seconds` is 0 off JAX.
+    """
+    router(x)  # build
+    if keras.backend.backend() != "jax":
+        x = ops.convert_to_tensor(x)
+
+        def step():
+            return [ops.convert_to_numpy(t) for t in _routing_tensors(router(x))]
+
+        return step, 0.0
+
+    import jax
+
+    trainable = [v.value for v in router.trainable_variables]
+    non_trainable = [v.value for v in router.non_trainable_variables]
+
+    def route(trainable, non_trainable, x):
+        routing, _ = router.stateless_call(trainable, non_trainable, x, training=False)
+        return _routing_tensors(routing)
+
+    x = jax.numpy.asarray(x)
+    start = time.perf_counter()
+    compiled = jax.jit(route).lower(trainable, non_trainable, x).compile()
+    compile_seconds = time.perf_counter() - start
+
+    def step():
+        return jax.block_until_ready(compiled(trainable, non_trainable, x))
+
+    return step, compile_seconds
+
+
+def interleaved_medians(steps, rounds=5, per_round=4, warmup=3):
+    """Median wall time (seconds) of each step, timed in interleaved rounds.
+
+    The steps take turns (`per_round` runs each per round), so that load
+    changes on a shared machine hit every router alike.
+
+    Args:
+        steps: dict of name to a blocking zero-argument function.
+        rounds: int. Number of rounds. Defaults to 5.
+        per_round: int. Timed runs of each step per round. Defaults to 4.
+        warmup: int. Untimed runs of each step first. Defaults to 3.
+
+    Returns:
+        dict of name to the median time in seconds.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run(rounds=5, per_round=4, warmup=3, names=None):
+    """Times every router's routing step on one shared input.
+
+    Args:
+        rounds: int. Interleaved timing rounds. Defaults to 5.
+        per_round: int. Timed runs per router and round (the median over
+            all of them is reported). Defaults to 4.
+        warmup: int. Untimed runs first. Defaults to 3.
+        names: list of str. Routers to time (registry names); the baseline
+            is always included. Defaults to all six.
+
+    Returns:
+        list of dicts, one per router: `router`, `capacity`, `median_ms`,
+        `compile_s`, `ratio_vs_softmax_ec` (median time over the
+        baseline's).
+    """
+    names = list(names or ROUTER_SETTINGS)
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(G, S, D)).astype("float32")
+    steps, results = {}, []
+    for name in names:
+        router = routers.get(name, num_experts=E, **ROUTER_SETTINGS[name])
+        steps[name], compile_seconds = make_step(router, x)
+        capacity = _routing_tensors(router(x))[0].shape[-1]
+        results.append(
+            {"router": name, "capacity": int(capacity), "compile_s": compile_seconds}
+        )
+    medians = interleaved_medians(steps, rounds, per_round, warmup)
+    baseline = medians[BASELINE]
+    for row in results:
+        row["median_ms"] = 1e3 * medians[row["router"]]
+        row["ratio_vs_softmax_ec"] = medians[row["router"]] / baseline
+    return results
+
+
+def markdown(results):
+    """The results as a markdown table."""
+    columns = ["router", "capacity", "median_ms", "compile_s", "ratio_vs_softmax_ec"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in results:
+        cells = [
+            f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c])
+            for c in columns
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(
+        f"Routing step, backend {keras.backend.backend()}: G={G}, S={S}, E={E}, "
+        f"d={D}; median ms and ratio to {BASELINE}.\n"
+    )
+    print(markdown(run()))
