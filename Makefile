@@ -16,12 +16,9 @@ $(STAMP): pyproject.toml requirements-lock.txt
 
 setup: $(STAMP)
 
-# Runs the whole suite once per backend; fails if any backend fails.
+# Runs the whole suite once per backend (in parallel); fails if any backend fails.
 test: setup
-	@status=0; for b in $(BACKENDS); do \
-	  echo "=== pytest, KERAS_BACKEND=$$b ==="; \
-	  KERAS_BACKEND=$$b $(PY) -m pytest -q $(PYTEST_ARGS) tests || status=1; \
-	done; exit $$status
+	tools/test_all_backends.sh $(PY) "$(BACKENDS)" $(PYTEST_ARGS)
 
 test-%: setup
 	KERAS_BACKEND=$* $(PY) -m pytest -q $(PYTEST_ARGS) tests
