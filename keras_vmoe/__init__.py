@@ -10,7 +10,15 @@ import os
 # own setting if there is one.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_vmoe import layers, routers  # noqa: E402
+from keras_vmoe import callbacks, data, evaluation, layers, ot, routers, training  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["layers", "routers"]
+__all__ = [
+    "callbacks",
+    "data",
+    "evaluation",
+    "layers",
+    "ot",
+    "routers",
+    "training",
+]

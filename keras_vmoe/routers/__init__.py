@@ -11,18 +11,26 @@ from keras_vmoe.routers.losses import (
 )
 from keras_vmoe.routers.registry import ROUTER_NAMES, get
 from keras_vmoe.routers.routing import Routing
+from keras_vmoe.routers.sinkhorn_expert_choice import SinkhornExpertChoiceRouter
+from keras_vmoe.routers.sinkhorn_token_choice import SinkhornTokenChoiceRouter
 from keras_vmoe.routers.soft import SoftRouter
 from keras_vmoe.routers.softmax_expert_choice import SoftmaxExpertChoiceRouter
 from keras_vmoe.routers.softmax_token_choice import SoftmaxTokenChoiceRouter
+from keras_vmoe.routers.sparsity_constrained_expert_choice import (
+    SparsityConstrainedExpertChoiceRouter,
+)
 
 __all__ = [
     "DenseGatingRouter",
     "ROUTER_NAMES",
     "Router",
     "Routing",
+    "SinkhornExpertChoiceRouter",
+    "SinkhornTokenChoiceRouter",
     "SoftRouter",
     "SoftmaxExpertChoiceRouter",
     "SoftmaxTokenChoiceRouter",
+    "SparsityConstrainedExpertChoiceRouter",
     "compute_capacity",
     "expert_choice",
     "get",
