@@ -1,0 +1,43 @@
+"""Models: `VisionMoEBackbone`, `VisionMoEImageClassifier` and presets.
+
+Example:
+>>> from keras_vmoe import models
+>>> "vmoe_softmax_tc_b16_e32_224" in models.list_presets()
+True
+"""
+
+from keras_vmoe.models.cost import (
+    backbone_flops,
+    count_backbone_params,
+    count_head_params,
+)
+from keras_vmoe.models.presets import (
+    from_preset,
+    generate_presets,
+    list_presets,
+    presets_dir,
+    register_with_keras_hub,
+)
+from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone, parse_moe_layers
+from keras_vmoe.models.vmoe_image_classifier import (
+    ClassificationCrossEntropy,
+    Top1Accuracy,
+    VisionMoEImageClassifier,
+)
+
+register_with_keras_hub()
+
+__all__ = [
+    "ClassificationCrossEntropy",
+    "Top1Accuracy",
+    "VisionMoEBackbone",
+    "VisionMoEImageClassifier",
+    "backbone_flops",
+    "count_backbone_params",
+    "count_head_params",
+    "from_preset",
+    "generate_presets",
+    "list_presets",
+    "parse_moe_layers",
+    "presets_dir",
+]

@@ -1,0 +1,376 @@
+"""`VisionMoEBackbone`: a ViT whose MLP blocks may be Mixtures of Experts."""
+
+import keras
+from keras_hub.models import Backbone
+
+from keras_vmoe.models import vit_layers
+
+_PLACEMENT_HELP = (
+    "Give a list of block indices (0-based), or one of: 'every:n' (blocks "
+    "n-1, 2n-1, ...), 'last_odd:n' (V-MoE 'Last n': the last n odd blocks), "
+    "'last:n' (Soft MoE: the last n contiguous blocks), 'all', 'none'."
+)
+
+
+def parse_moe_layers(spec, num_layers):
+    """Resolves an MoE placement spec to a sorted tuple of block indices.
+
+    Blocks are numbered from 0. The two "last n" conventions of the
+    literature differ, so they have different names here:
+
+    - `"every:n"`: blocks `n-1, 2n-1, 3n-1, ...` (V-MoE "Every n").
+    - `"last_odd:n"`: the last `n` odd-numbered blocks (V-MoE "Last n"; with
+      8 blocks, `"last_odd:2"` is `(5, 7)`).
+    - `"last:n"`: the last `n` contiguous blocks (Soft MoE; with 12 blocks,
+      `"last:6"` is `(6, ..., 11)`).
+    - `"all"`, `"none"` (or `None`, `[]`): every block, no block.
+
+    As in the reference configs, "last" asks that exceed the available
+    blocks give all of them (`"last_odd:2"` on 2 blocks is `(1,)`).
+    - a list of ints: those blocks (negative indices count from the end).
+
+    Args:
+        spec: str, list of int or None. The placement.
+        num_layers: int. Number of encoder blocks.
+
+    Returns:
+        tuple of int, sorted and unique.
+
+    Example:
+    >>> parse_moe_layers("every:2", 12)
+    (1, 3, 5, 7, 9, 11)
+    >>> parse_moe_layers("last_odd:2", 8)
+    (5, 7)
+    >>> parse_moe_layers("last:2", 8)
+    (6, 7)
+    """
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("", "none"):
+            return ()
+        if text == "all":
+            return tuple(range(num_layers))
+        kind, sep, arg = text.partition(":")
+        if not sep or kind not in ("every", "last_odd", "last"):
+            raise ValueError(f"Unknown MoE placement {spec!r}. {_PLACEMENT_HELP}")
+        try:
+            n = int(arg)
+        except ValueError:
+            raise ValueError(
+                f"MoE placement {spec!r}: {arg!r} is not an integer. {_PLACEMENT_HELP}"
+            ) from None
+        if kind == "every":
+            if n < 1:
+                raise ValueError(f"MoE placement {spec!r}: n must be >= 1.")
+            return tuple(range(n - 1, num_layers, n))
+        if n < 0:
+            raise ValueError(f"MoE placement {spec!r}: n must be >= 0.")
+        # Like the reference (`range(...)[-n:]`), asking for more blocks than
+        # exist gives all of them; this keeps presets valid at tiny depths.
+        pool = range(num_layers) if kind == "last" else range(1, num_layers, 2)
+        return tuple(pool[max(len(pool) - n, 0) :])
+    try:
+        indices = [int(i) for i in spec]
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid MoE placement {spec!r}. {_PLACEMENT_HELP}") from None
+    resolved = set()
+    for i in indices:
+        if not -num_layers <= i < num_layers:
+            raise ValueError(
+                f"MoE block index {i} is out of range for {num_layers} blocks."
+            )
+        resolved.add(i % num_layers)
+    return tuple(sorted(resolved))
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class VisionMoEBackbone(Backbone):
+    """Vision Transformer with Mixture-of-Experts MLP blocks (V-MoE).
+
+    The V-MoE of Riquelme et al. 2021 ("Scaling Vision with Sparse Mixture
+    of Experts", https://arxiv.org/abs/2106.05974) and its routers as
+    compared in Liu et al. 2024 ("Routers in Vision Mixture of Experts",
+    https://arxiv.org/abs/2401.15969). With `router=None` it is a dense ViT.
+
+    Images `(B, H, W, C)` are cut into patches by a strided convolution,
+    optionally prefixed with a class token, given a learned position
+    embedding, and passed through `num_layers` pre-norm encoder blocks
+    (`encoder_block_{i}`, `i` from 0); the blocks listed by `moe_layers`
+    replace their MLP with an MoE layer (`encoder_block_{i}/moe`, with
+    sublayers `router` and `experts`). A final LayerNorm (`encoder_norm`)
+    and a pooling (`pooling`) follow.
+
+    The backbone outputs a dict, like keras-hub text backbones:
+    `"sequence_output"`: the normalised tokens `(B, T, hidden_dim)`, and
+    `"pooled_output"`: one vector per image `(B, hidden_dim)` (class token
+    or average of the patch tokens).
+
+    MoE layers route tokens in groups of `group_size` images
+    (`group_size * T` tokens): the batch size must be a multiple of
+    `group_size`. Each MoE layer adds its router's auxiliary loss with
+    `add_loss`, so `fit()` minimises it together with the task loss.
+
+    Args:
+        image_shape: tuple of 3 ints. `(height, width, channels)`; height and
+            width must be multiples of the patch size. Defaults to
+            `(224, 224, 3)`.
+        patch_size: int or (int, int). Patch size. Defaults to `16`.
+        num_layers: int. Number of encoder blocks. Defaults to `12`.
+        num_heads: int. Attention heads. Defaults to `12`.
+        hidden_dim: int. Token dimension `d`. Defaults to `768`.
+        mlp_dim: int. Hidden size of the dense MLPs. Defaults to `3072`.
+        moe_layers: list of int, str or None. Which blocks are MoE; see
+            `parse_moe_layers` ("every:2", "last_odd:2", "last:6", ...).
+            Defaults to `None`: "every:2" when a router is given, else none.
+        router: str or None. Router name (`keras_vmoe.routers.ROUTER_NAMES`)
+            or `None` for a dense ViT. Defaults to `None`.
+        router_config: dict or None. Extra router keyword arguments, e.g.
+            `{"num_selected_experts": 2, "capacity_factor": 1.05}`.
+            Defaults to `None`.
+        num_experts: int or None. Experts per MoE layer; required with a
+            router. Defaults to `None`.
+        expert_hidden_dim: int or None. Hidden size of each expert MLP.
+            Defaults to `None` (= `mlp_dim`).
+        group_size: int. Images per routing group (converted to
+            `group_size * sequence_length` tokens). Defaults to `8`.
+        identical_expert_init: bool. Initialise all experts of a layer with
+            the same weights, as the reference does. Defaults to `False`.
+        use_class_token: bool. Prepend a learned class token. Defaults to
+            `True`.
+        pooling: str. `"token"` (class token) or `"gap"` (average of patch
+            tokens). Defaults to `"token"`.
+        dropout_rate: float. Dropout after the embedding, after attention
+            and in the dense MLPs. Defaults to `0.0`.
+        attention_dropout: float. Dropout on attention weights. Defaults to
+            `0.0`.
+        expert_dropout_rate: float or None. Dropout inside the experts.
+            Defaults to `None` (= `dropout_rate`).
+        layer_norm_epsilon: float. Defaults to `1e-6`.
+        dtype: str or `keras.DTypePolicy`. Defaults to `None` (global policy).
+        **kwargs: `keras_hub.models.Backbone` arguments (`name`, ...).
+
+    Example:
+    >>> import numpy as np
+    >>> backbone = VisionMoEBackbone(
+    ...     image_shape=(16, 16, 3), patch_size=4, num_layers=2, num_heads=2,
+    ...     hidden_dim=16, mlp_dim=32, router=None)
+    >>> out = backbone(np.zeros((2, 16, 16, 3), "float32"))
+    >>> tuple(out["sequence_output"].shape), tuple(out["pooled_output"].shape)
+    ((2, 17, 16), (2, 16))
+    """
+
+    def __init__(
+        self,
+        image_shape=(224, 224, 3),
+        patch_size=16,
+        num_layers=12,
+        num_heads=12,
+        hidden_dim=768,
+        mlp_dim=3072,
+        moe_layers=None,
+        router=None,
+        router_config=None,
+        num_experts=None,
+        expert_hidden_dim=None,
+        group_size=8,
+        identical_expert_init=False,
+        use_class_token=True,
+        pooling="token",
+        dropout_rate=0.0,
+        attention_dropout=0.0,
+        expert_dropout_rate=None,
+        layer_norm_epsilon=1e-6,
+        dtype=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", "vision_moe_backbone")
+        # === Validation ===
+        image_shape = tuple(int(s) for s in image_shape)
+        if len(image_shape) != 3:
+            raise ValueError(
+                f"`image_shape` must be (height, width, channels), got {image_shape}."
+            )
+        ph, pw = vit_layers._pair(patch_size, "patch_size")
+        if image_shape[0] % ph or image_shape[1] % pw:
+            raise ValueError(
+                f"Image size {image_shape[:2]} must be divisible by the patch "
+                f"size {(ph, pw)}."
+            )
+        if pooling not in ("token", "gap"):
+            raise ValueError(f"`pooling` must be 'token' or 'gap', got {pooling!r}.")
+        if pooling == "token" and not use_class_token:
+            raise ValueError(
+                "`pooling='token'` needs `use_class_token=True`; use `pooling='gap'`."
+            )
+        if router is None:
+            if parse_moe_layers(moe_layers, num_layers):
+                raise ValueError(
+                    f"`moe_layers={moe_layers!r}` needs a `router`; pass a router "
+                    "name or `moe_layers=None` for a dense ViT."
+                )
+            moe_indices = ()
+        else:
+            _check_router_name(router)
+            if num_experts is None or int(num_experts) < 1:
+                raise ValueError(
+                    f"`num_experts` must be a positive int with a router, got "
+                    f"{num_experts!r}."
+                )
+            if int(group_size) != group_size or group_size < 1:
+                raise ValueError(
+                    f"`group_size` (images per group) must be an int >= 1, got "
+                    f"{group_size!r}."
+                )
+            spec = "every:2" if moe_layers is None else moe_layers
+            moe_indices = parse_moe_layers(spec, num_layers)
+        num_patches = (image_shape[0] // ph) * (image_shape[1] // pw)
+        seq_len = num_patches + int(bool(use_class_token))
+
+        # === Functional model ===
+        images = keras.layers.Input(shape=image_shape, name="images")
+        x = vit_layers.PatchEmbedding(
+            hidden_dim, patch_size, dtype=dtype, name="patch_embedding"
+        )(images)
+        if use_class_token:
+            x = vit_layers.ClassToken(dtype=dtype, name="class_token")(x)
+        x = vit_layers.PositionEmbedding(dtype=dtype, name="position_embedding")(x)
+        x = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")(x)
+        for i in range(num_layers):
+            moe_config = None
+            if i in moe_indices:
+                moe_config = {
+                    "router": router,
+                    "router_config": dict(router_config or {}),
+                    "num_experts": int(num_experts),
+                    "expert_hidden_dim": int(expert_hidden_dim or mlp_dim),
+                    "group_size": int(group_size) * seq_len,
+                    "dropout_rate": float(
+                        dropout_rate
+                        if expert_dropout_rate is None
+                        else expert_dropout_rate
+                    ),
+                    "identical_init": bool(identical_expert_init),
+                }
+            x = vit_layers.EncoderBlock(
+                num_heads=num_heads,
+                mlp_dim=mlp_dim,
+                dropout_rate=dropout_rate,
+                attention_dropout=attention_dropout,
+                layer_norm_epsilon=layer_norm_epsilon,
+                moe_config=moe_config,
+                dtype=dtype,
+                name=f"encoder_block_{i}",
+            )(x)
+        sequence_output = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="encoder_norm"
+        )(x)
+        pooled_output = vit_layers.SequencePooling(
+            pooling, use_class_token=use_class_token, dtype=dtype, name="pooling"
+        )(sequence_output)
+        super().__init__(
+            inputs=images,
+            outputs={
+                "sequence_output": sequence_output,
+                "pooled_output": pooled_output,
+            },
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.image_shape = image_shape
+        self.patch_size = patch_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.mlp_dim = mlp_dim
+        self.moe_layers = moe_layers
+        self.router = router
+        self.router_config = None if router_config is None else dict(router_config)
+        self.num_experts = num_experts
+        self.expert_hidden_dim = expert_hidden_dim
+        self.group_size = group_size
+        self.identical_expert_init = identical_expert_init
+        self.use_class_token = use_class_token
+        self.pooling = pooling
+        self.dropout_rate = dropout_rate
+        self.attention_dropout = attention_dropout
+        self.expert_dropout_rate = expert_dropout_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+        # Derived (not config).
+        self.moe_layer_indices = moe_indices
+        self.sequence_length = seq_len
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "image_shape": self.image_shape,
+                "patch_size": self.patch_size,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "hidden_dim": self.hidden_dim,
+                "mlp_dim": self.mlp_dim,
+                "moe_layers": self.moe_layers,
+                "router": self.router,
+                "router_config": self.router_config,
+                "num_experts": self.num_experts,
+                "expert_hidden_dim": self.expert_hidden_dim,
+                "group_size": self.group_size,
+                "identical_expert_init": self.identical_expert_init,
+                "use_class_token": self.use_class_token,
+                "pooling": self.pooling,
+                "dropout_rate": self.dropout_rate,
+                "attention_dropout": self.attention_dropout,
+                "expert_dropout_rate": self.expert_dropout_rate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a backbone from a built-in preset name or a preset folder.
+
+        Unlike keras-hub's loader, architecture-only presets (no
+        `model.weights.h5`) load with random weights, and constructor
+        arguments can be overridden (`image_size=`, `router=`,
+        `num_experts=`, `num_layers=`, ...).
+
+        Args:
+            preset: str. A name from `keras_vmoe.models.list_presets()` or a
+                local preset directory.
+            load_weights: bool. Load `model.weights.h5` when present.
+                Defaults to `True`.
+            **kwargs: Backbone constructor overrides; `image_size` (int or
+                (h, w)) sets the height and width of `image_shape`.
+
+        Example:
+        >>> backbone = VisionMoEBackbone.from_preset(
+        ...     "vmoe_softmax_tc_s32_e32_224", image_size=32, num_layers=2,
+        ...     hidden_dim=16, mlp_dim=32, num_heads=2, num_experts=4)
+        >>> backbone.moe_layer_indices
+        (1,)
+        """
+        from keras_vmoe.models import presets
+
+        return presets.load_backbone(preset, load_weights=load_weights, **kwargs)
+
+
+def _check_router_name(router):
+    if not isinstance(router, str):
+        raise ValueError(f"`router` must be a router name or None, got {router!r}.")
+    try:
+        from keras_vmoe.routers import ROUTER_NAMES
+    except ImportError:  # Routers not available: let routers.get() complain.
+        return
+    if router not in ROUTER_NAMES:
+        import difflib
+
+        close = difflib.get_close_matches(router, ROUTER_NAMES, n=3, cutoff=0.4)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(
+            f"Unknown router {router!r}.{hint} Known routers: {list(ROUTER_NAMES)}."
+        )

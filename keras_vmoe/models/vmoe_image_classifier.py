@@ -1,0 +1,306 @@
+"""`VisionMoEImageClassifier`: pooled V-MoE features -> pre-logits -> head."""
+
+import math
+
+import keras
+from keras import ops
+from keras_hub.models import ImageClassifier
+from keras_hub.src.models.task import Task
+
+from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
+
+_LOSS_TYPES = ("softmax", "sigmoid")
+_ACTIVATIONS = (None, "softmax", "sigmoid")
+
+
+def _is_sparse(y_true, y_pred):
+    """Integer class ids (rank below logits, or a trailing 1) vs dense targets."""
+    y_true = ops.convert_to_tensor(y_true)
+    true_shape, pred_shape = ops.shape(y_true), ops.shape(y_pred)
+    if len(true_shape) < len(pred_shape):
+        return True
+    return true_shape[-1] == 1 and pred_shape[-1] != 1
+
+
+def _dense_targets(y_true, y_pred):
+    y_true = ops.convert_to_tensor(y_true)
+    if _is_sparse(y_true, y_pred):
+        ids = ops.reshape(ops.cast(y_true, "int32"), ops.shape(y_pred)[:-1])
+        return ops.one_hot(ids, ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+    return ops.cast(y_true, y_pred.dtype)
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class ClassificationCrossEntropy(keras.losses.Loss):
+    """Softmax or sigmoid cross-entropy for integer or one/multi-hot labels.
+
+    `"softmax"`: categorical cross-entropy. `"sigmoid"`: the sum over classes
+    of per-class binary cross-entropies (big_vision / V-MoE `sigmoid_xent`).
+    Labels may be integer class ids `(B,)` / `(B, 1)` or dense targets
+    `(B, num_classes)`; both give the same value for one-hot targets.
+
+    Args:
+        loss_type: str. `"softmax"` or `"sigmoid"`. Defaults to `"softmax"`.
+        from_logits: bool. Whether predictions are logits. Defaults to `True`.
+        **kwargs: `keras.losses.Loss` arguments (`reduction`, `name`).
+
+    Example:
+    >>> loss = ClassificationCrossEntropy("sigmoid")
+    >>> round(float(loss([1], [[0.0, 0.0]])), 4)  # 2 * log(2)
+    1.3863
+    """
+
+    def __init__(self, loss_type="softmax", from_logits=True, **kwargs):
+        kwargs.setdefault("name", f"{loss_type}_cross_entropy")
+        super().__init__(**kwargs)
+        if loss_type not in _LOSS_TYPES:
+            raise ValueError(
+                f"`loss_type` must be one of {_LOSS_TYPES}, got {loss_type!r}."
+            )
+        self.loss_type = loss_type
+        self.from_logits = bool(from_logits)
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.cast(y_pred, "float32")  # bfloat16 heads: loss in float32
+        targets = _dense_targets(y_true, y_pred)
+        if self.loss_type == "softmax":
+            return keras.losses.categorical_crossentropy(
+                targets, y_pred, from_logits=self.from_logits
+            )
+        per_class = ops.binary_crossentropy(
+            targets, y_pred, from_logits=self.from_logits
+        )
+        return ops.sum(per_class, axis=-1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"loss_type": self.loss_type, "from_logits": self.from_logits})
+        return config
+
+
+def top1_accuracy(y_true, y_pred):
+    """1.0 where the arg-max prediction is the (arg-max) label, else 0.0."""
+    y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+    if _is_sparse(y_true, y_pred):
+        labels = ops.reshape(ops.cast(y_true, "int32"), ops.shape(y_pred)[:-1])
+    else:
+        labels = ops.cast(ops.argmax(y_true, axis=-1), "int32")
+    predicted = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
+    return ops.cast(ops.equal(labels, predicted), "float32")
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class Top1Accuracy(keras.metrics.MeanMetricWrapper):
+    """Top-1 accuracy for integer or one/multi-hot labels.
+
+    Example:
+    >>> m = Top1Accuracy()
+    >>> m.update_state([1, 0], [[0.1, 0.9], [0.2, 0.8]])
+    >>> float(m.result())
+    0.5
+    """
+
+    def __init__(self, name="accuracy", dtype=None):
+        super().__init__(fn=top1_accuracy, name=name, dtype=dtype)
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype}
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class VisionMoEImageClassifier(ImageClassifier):
+    """Image classifier on a `VisionMoEBackbone` (V-MoE head).
+
+    Pooled backbone features go through an optional pre-logits layer
+    (`Dense(representation_size)` + tanh), dropout, and a linear head
+    `Dense(num_classes)` with a zero-initialised kernel, as in
+    google-research/vmoe. The pre-logits layer is always named
+    `"pre_logits"` (an identity layer when `representation_size` is None):
+    few-shot evaluation reads its output.
+
+    The default `compile()` uses Adam, the cross-entropy that matches the
+    head (`loss_type`) and top-1 accuracy; labels may be integer ids or
+    one/multi-hot vectors. Keras adds the MoE layers' auxiliary losses
+    (`model.losses`) to the compiled loss in `fit()`.
+
+    Args:
+        backbone: `VisionMoEBackbone`. The feature extractor.
+        num_classes: int. Number of classes.
+        preprocessor: `None` or a preprocessing layer. Defaults to `None`.
+        representation_size: int or None. Size of the pre-logits Dense + tanh;
+            `None` for none (identity). Defaults to `None`.
+        activation: `None`, `"softmax"` or `"sigmoid"`. Output activation;
+            `None` returns logits. Defaults to `None`.
+        loss_type: `None`, `"softmax"` or `"sigmoid"`. The training loss of
+            the default `compile()`. Defaults to `None`: the activation's
+            family, softmax for logits.
+        head_bias_init: float or None. Initial head bias. Defaults to
+            `None`: `-log(num_classes)` for sigmoid heads (V-MoE recipe, so
+            every class starts at probability ~1/num_classes), else 0.
+        dropout: float. Dropout before the head. Defaults to `0.0`.
+        head_dtype: `None`, str or `keras.DTypePolicy`. Dtype of the head.
+            Defaults to the backbone's.
+        **kwargs: `keras_hub.models.Task` arguments (`name`, `compile`).
+
+    Example:
+    >>> import numpy as np
+    >>> backbone = VisionMoEBackbone(
+    ...     image_shape=(16, 16, 3), patch_size=4, num_layers=2, num_heads=2,
+    ...     hidden_dim=16, mlp_dim=32)
+    >>> model = VisionMoEImageClassifier(backbone, num_classes=3,
+    ...     representation_size=16, loss_type="sigmoid")
+    >>> x = np.random.rand(4, 16, 16, 3).astype("float32")
+    >>> history = model.fit(x, np.array([0, 1, 2, 1]), epochs=1, verbose=0)
+    >>> tuple(model.predict(x, verbose=0).shape)
+    (4, 3)
+    """
+
+    backbone_cls = VisionMoEBackbone
+    preprocessor_cls = None
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        preprocessor=None,
+        representation_size=None,
+        activation=None,
+        loss_type=None,
+        head_bias_init=None,
+        dropout=0.0,
+        head_dtype=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", "vision_moe_image_classifier")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"`activation` must be one of {_ACTIVATIONS}, got {activation!r}."
+            )
+        resolved_loss = loss_type or activation or "softmax"
+        if resolved_loss not in _LOSS_TYPES:
+            raise ValueError(
+                f"`loss_type` must be one of {_LOSS_TYPES}, got {loss_type!r}."
+            )
+        if activation is not None and activation != resolved_loss:
+            raise ValueError(
+                f"`activation={activation!r}` does not match `loss_type={loss_type!r}`."
+            )
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(
+                f"`num_classes` must be a positive int, got {num_classes!r}."
+            )
+        bias = head_bias_init
+        if bias is None:
+            bias = -math.log(num_classes) if resolved_loss == "sigmoid" else 0.0
+        head_dtype = head_dtype or backbone.dtype_policy
+
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        if representation_size is None:
+            self.pre_logits = keras.layers.Identity(dtype=head_dtype, name="pre_logits")
+        else:
+            self.pre_logits = keras.layers.Dense(
+                representation_size,
+                activation="tanh",
+                kernel_initializer="lecun_normal",
+                dtype=head_dtype,
+                name="pre_logits",
+            )
+        self.output_dropout = keras.layers.Dropout(
+            dropout, dtype=head_dtype, name="output_dropout"
+        )
+        self.head = keras.layers.Dense(
+            num_classes,
+            activation=activation,
+            kernel_initializer="zeros",
+            bias_initializer=keras.initializers.Constant(bias),
+            dtype=head_dtype,
+            name="head",
+        )
+
+        # === Functional model ===
+        inputs = self.backbone.input
+        features = self.backbone(inputs)["pooled_output"]
+        x = self.pre_logits(features)
+        x = self.output_dropout(x)
+        outputs = self.head(x)
+        # Read by the default compile() that Task.__init__ runs.
+        self.activation = activation
+        self.resolved_loss_type = resolved_loss
+        # Skip ImageClassifier.__init__ (it builds its own 2D pooling head).
+        Task.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
+
+        # === Config ===
+        self.num_classes = num_classes
+        self.representation_size = representation_size
+        self.activation = activation
+        self.loss_type = loss_type
+        self.head_bias_init = head_bias_init
+        self.dropout = dropout
+        self.head_dtype = head_dtype
+
+    def get_config(self):
+        config = Task.get_config(self)
+        config.update(
+            {
+                "num_classes": self.num_classes,
+                "representation_size": self.representation_size,
+                "activation": self.activation,
+                "loss_type": self.loss_type,
+                "head_bias_init": self.head_bias_init,
+                "dropout": self.dropout,
+            }
+        )
+        return config
+
+    def compile(self, optimizer="auto", loss="auto", *, metrics="auto", **kwargs):
+        """Configures training; `"auto"` picks working defaults.
+
+        Args:
+            optimizer: `"auto"` (Adam, learning rate 1e-3) or any Keras
+                optimizer.
+            loss: `"auto"` (`ClassificationCrossEntropy` matching the head)
+                or any Keras loss.
+            metrics: `"auto"` (`Top1Accuracy`) or a list of metrics.
+            **kwargs: Other `keras.Model.compile` arguments.
+        """
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(1e-3)
+        if loss == "auto":
+            loss = ClassificationCrossEntropy(
+                self.resolved_loss_type, from_logits=self.activation is None
+            )
+        if metrics == "auto":
+            metrics = [Top1Accuracy()]
+        Task.compile(self, optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        """Restores the compile settings saved in a `.keras` file."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built and getattr(self, "optimizer", None) is not None:
+            self.optimizer.build(self.trainable_variables)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a classifier from a built-in preset name or a preset folder.
+
+        Args:
+            preset: str. A name from `keras_vmoe.models.list_presets()` or a
+                local preset directory.
+            load_weights: bool. Load saved weights when present. Defaults
+                to `True`.
+            **kwargs: Overrides of backbone or classifier arguments
+                (`num_classes`, `image_size`, `router`, `num_experts`, ...).
+
+        Example:
+        >>> model = VisionMoEImageClassifier.from_preset(
+        ...     "vit_dense_s32_224", num_classes=5, image_size=32,
+        ...     num_layers=1, hidden_dim=16, mlp_dim=32, num_heads=2)
+        >>> model.num_classes
+        5
+        """
+        from keras_vmoe.models import presets
+
+        return presets.load_classifier(preset, load_weights=load_weights, **kwargs)

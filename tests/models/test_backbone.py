@@ -1,0 +1,182 @@
+"""VisionMoEBackbone: structure, weight paths, numerics, parameter counts."""
+
+import keras
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from keras_vmoe.models import VisionMoEBackbone, count_backbone_params
+from keras_vmoe.routers import ROUTER_NAMES
+from tests.models.tiny import TINY, tiny_moe
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _layer_norm(x, gamma, beta, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def _numpy_vit(w, x, patch, num_layers, num_heads, use_class_token=True):
+    """An independent NumPy forward pass of a dense pre-norm ViT."""
+    b, h, wd, c = x.shape
+    kernel, bias = w["patch_embedding/conv/kernel"], w["patch_embedding/conv/bias"]
+    d = kernel.shape[-1]
+    p = x.reshape(b, h // patch, patch, wd // patch, patch, c).transpose(
+        0, 1, 3, 2, 4, 5
+    )
+    t = p.reshape(b, -1, patch * patch * c) @ kernel.reshape(-1, d) + bias
+    if use_class_token:
+        cls = np.broadcast_to(w["class_token/token"], (b, 1, d))
+        t = np.concatenate([cls, t], axis=1)
+    t = t + w["position_embedding/embeddings"]
+    for i in range(num_layers):
+        pre = f"encoder_block_{i}/"
+        y = _layer_norm(t, w[pre + "ln_1/gamma"], w[pre + "ln_1/beta"])
+        q, k, v = (
+            np.einsum("btd,dhk->bthk", y, w[pre + f"attention/{n}/kernel"])
+            + w[pre + f"attention/{n}/bias"]
+            for n in ("query", "key", "value")
+        )
+        logits = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(d // num_heads)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        o = np.einsum("bhqt,bthk->bqhk", probs, v)
+        o = np.einsum("bqhk,hkd->bqd", o, w[pre + "attention/attention_output/kernel"])
+        t = t + o + w[pre + "attention/attention_output/bias"]
+        y = _layer_norm(t, w[pre + "ln_2/gamma"], w[pre + "ln_2/beta"])
+        y = y @ w[pre + "mlp/dense_1/kernel"] + w[pre + "mlp/dense_1/bias"]
+        y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
+        t = t + y @ w[pre + "mlp/dense_2/kernel"] + w[pre + "mlp/dense_2/bias"]
+    return _layer_norm(t, w["encoder_norm/gamma"], w["encoder_norm/beta"])
+
+
+@pytest.mark.parametrize(
+    "pooling, use_class_token", [("token", True), ("gap", True), ("gap", False)]
+)
+def test_dense_backbone_matches_numpy(images, pooling, use_class_token):
+    backbone = VisionMoEBackbone(
+        **TINY, pooling=pooling, use_class_token=use_class_token
+    )
+    rng = np.random.RandomState(1)
+    for v in backbone.weights:  # non-trivial values everywhere (class token, biases)
+        v.assign(rng.normal(scale=0.3, size=v.shape).astype("float32"))
+    weights = {v.path: v.numpy() for v in backbone.weights}
+    out = backbone(images)
+    expected = _numpy_vit(weights, images.astype("float64"), 4, 2, 2, use_class_token)
+    np.testing.assert_allclose(
+        _np(out["sequence_output"]), expected, atol=2e-4, rtol=1e-4
+    )
+    pooled = (
+        expected[:, 0]
+        if pooling == "token"
+        else expected[:, int(use_class_token) :].mean(1)
+    )
+    np.testing.assert_allclose(_np(out["pooled_output"]), pooled, atol=2e-4, rtol=1e-4)
+    assert out["sequence_output"].shape == (4, 16 + int(use_class_token), 16)
+
+
+def test_reference_initialisation():
+    backbone = VisionMoEBackbone(
+        **tiny_moe("softmax_expert_choice"), identical_expert_init=True
+    )
+    w = {v.path: v.numpy() for v in backbone.weights}
+    np.testing.assert_array_equal(w["class_token/token"], 0.0)  # zeros, as vmoe
+    assert 0.01 < w["position_embedding/embeddings"].std() < 0.03  # N(0, 0.02)
+    assert np.abs(w["encoder_block_0/mlp/dense_1/bias"]).max() < 1e-4  # N(0, 1e-6)
+    for name in ("intermediate_kernel", "output_kernel"):
+        kernel = w[f"encoder_block_1/moe/experts/{name}"]
+        assert kernel.shape[0] == 4
+        for e in range(1, 4):  # identical experts, as the reference
+            np.testing.assert_array_equal(kernel[e], kernel[0])
+
+
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+def test_moe_backbone_builds_and_calls(images, router):
+    config = tiny_moe(router)
+    backbone = VisionMoEBackbone(**config)
+    assert backbone.moe_layer_indices == (1,)
+    paths = [v.path for v in backbone.weights]
+    assert any(p.startswith("encoder_block_1/moe/router/") for p in paths)
+    assert "encoder_block_1/moe/experts/intermediate_kernel" in paths
+    assert "encoder_block_0/mlp/dense_1/kernel" in paths
+    assert not any(p.startswith("encoder_block_0/moe") for p in paths)
+    kernel = backbone.get_layer("encoder_block_1").mlp.experts.intermediate_kernel
+    assert tuple(kernel.shape) == (4, 16, 32)  # expert_hidden_dim = mlp_dim
+    for training in (False, True):
+        out = backbone(images, training=training)
+        seq, pooled = _np(out["sequence_output"]), _np(out["pooled_output"])
+        assert seq.shape == (4, 17, 16) and pooled.shape == (4, 16)
+        assert np.isfinite(seq).all()
+        np.testing.assert_allclose(pooled, seq[:, 0], atol=1e-6)
+    assert backbone.count_params() == count_backbone_params(config)
+
+
+def test_moe_options_reach_the_layers():
+    config = tiny_moe(
+        "softmax_token_choice",
+        moe_layers="every:1",
+        expert_hidden_dim=8,
+        group_size=4,
+        router_config={"num_selected_experts": 1, "capacity_factor": 1.5},
+    )
+    backbone = VisionMoEBackbone(**config)
+    assert backbone.moe_layer_indices == (0, 1)
+    moe = backbone.get_layer("encoder_block_0").mlp
+    assert moe.group_size == 4 * 17  # images -> tokens
+    assert moe.router.num_selected_experts == 1 and moe.router.capacity_factor == 1.5
+    assert tuple(moe.experts.output_kernel.shape) == (4, 8, 16)
+    assert backbone.count_params() == count_backbone_params(config)
+
+
+def test_default_placement_and_group_divisibility():
+    backbone = VisionMoEBackbone(
+        **dict(tiny_moe("softmax_expert_choice"), moe_layers=None)
+    )
+    assert backbone.moe_layer_indices == (1,)  # "every:2" by default
+    with pytest.raises(ValueError, match="divisible"):
+        backbone(np.zeros((3, 16, 16, 3), "float32"))  # 3 images, groups of 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(router=None, moe_layers="every:2"), "needs a `router`"),
+        (dict(router="softmax_expert_choise"), "Did you mean"),
+        (dict(num_experts=None), "num_experts"),
+        (dict(group_size=0), "group_size"),
+        (dict(pooling="token", use_class_token=False), "use_class_token"),
+        (dict(pooling="max"), "pooling"),
+        (dict(image_shape=(18, 16, 3)), "divisible"),
+        (dict(image_shape=(16, 16)), "image_shape"),
+        (dict(num_heads=3), "divisible by num_heads"),
+    ],
+)
+def test_bad_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        VisionMoEBackbone(**{**tiny_moe("softmax_expert_choice"), **overrides})
+
+
+def test_analytic_parameter_count_by_hand():
+    # d=8, h=16, 16x16x3 images, patch 4 -> 16 patches + class token.
+    config = dict(TINY, num_layers=1, hidden_dim=8, mlp_dim=16)
+    patch = 4 * 4 * 3 * 8 + 8
+    embeddings = 8 + 17 * 8
+    block = 4 * 8 + (4 * 8 * 8 + 4 * 8) + (8 * 16 + 16 + 16 * 8 + 8)
+    assert count_backbone_params(config) == patch + embeddings + block + 2 * 8
+    assert VisionMoEBackbone(**config).count_params() == patch + embeddings + block + 16
+
+
+def test_mixed_precision_dense(images):
+    backbone = VisionMoEBackbone(**TINY, dtype="mixed_bfloat16")
+    out = backbone(images)
+    assert keras.backend.standardize_dtype(out["sequence_output"].dtype) == "bfloat16"
+    assert all(v.dtype == "float32" for v in backbone.weights)
+    reference = VisionMoEBackbone(**TINY)
+    reference.set_weights(backbone.get_weights())
+    expected = _np(reference(images)["sequence_output"])
+    got = _np(keras.ops.cast(out["sequence_output"], "float32"))
+    np.testing.assert_allclose(got, expected, atol=0.1)

@@ -1,0 +1,125 @@
+"""get_config round trips, `.keras` files and keras-hub preset folders."""
+
+import json
+import os
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from keras_vmoe import models
+from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
+from keras_vmoe.models.presets import preset_files
+from tests.models.tiny import TINY, tiny_moe
+
+BACKBONE_ARGS = dict(
+    tiny_moe("softmax_token_choice"),
+    moe_layers="last_odd:1",
+    expert_hidden_dim=24,
+    identical_expert_init=True,
+    dropout_rate=0.1,
+    attention_dropout=0.05,
+    expert_dropout_rate=0.0,
+    layer_norm_epsilon=1e-5,
+    pooling="gap",
+)
+CLASSIFIER_ARGS = dict(
+    num_classes=3,
+    representation_size=8,
+    loss_type="sigmoid",
+    head_bias_init=-2.0,
+    dropout=0.1,
+)
+
+
+def _predict(model, images):
+    out = model.predict(images, batch_size=4, verbose=0)
+    return out["sequence_output"] if isinstance(out, dict) else out
+
+
+def test_get_config_round_trips_every_argument():
+    backbone = VisionMoEBackbone(**BACKBONE_ARGS)
+    config = backbone.get_config()
+    for key, value in BACKBONE_ARGS.items():
+        assert config[key] == value, key
+    clone = VisionMoEBackbone.from_config(json.loads(json.dumps(config)))
+    assert clone.get_config() == json.loads(json.dumps(config)) | {
+        "image_shape": tuple(BACKBONE_ARGS["image_shape"])
+    }
+    assert clone.count_params() == backbone.count_params()
+    classifier = VisionMoEImageClassifier(backbone, **CLASSIFIER_ARGS)
+    config = classifier.get_config()
+    for key, value in CLASSIFIER_ARGS.items():
+        assert config[key] == value, key
+    clone = VisionMoEImageClassifier.from_config(config)
+    assert clone.get_config()["backbone"]["config"] == backbone.get_config()
+
+
+@pytest.mark.parametrize("router", [None, "softmax_token_choice"])
+def test_keras_file_round_trip(tmp_path, images, router):
+    args = dict(BACKBONE_ARGS, router=router) if router else dict(TINY)
+    if not router:
+        args["pooling"] = "gap"
+    model = VisionMoEImageClassifier(VisionMoEBackbone(**args), **CLASSIFIER_ARGS)
+    rng = np.random.RandomState(0)
+    model.get_layer("head").kernel.assign(rng.normal(size=(8, 3)).astype("float32"))
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    expected = _predict(model, images)
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, VisionMoEImageClassifier)
+    np.testing.assert_array_equal(_predict(loaded, images), expected)
+    assert isinstance(loaded.optimizer, keras.optimizers.SGD)  # compile restored
+
+
+def test_preset_round_trip_and_keras_hub_loader(tmp_path, images):
+    backbone = VisionMoEBackbone(**BACKBONE_ARGS)
+    model = VisionMoEImageClassifier(backbone, **CLASSIFIER_ARGS)
+    rng = np.random.RandomState(0)
+    model.get_layer("head").kernel.assign(rng.normal(size=(8, 3)).astype("float32"))
+    expected = _predict(model, images)
+    model.save_to_preset(str(tmp_path))
+    files = set(os.listdir(tmp_path))
+    assert {"config.json", "metadata.json", "task.json", "model.weights.h5"} <= files
+    # Our loaders.
+    for loaded in (
+        models.from_preset(str(tmp_path)),
+        VisionMoEImageClassifier.from_preset(str(tmp_path)),
+        keras_hub.models.ImageClassifier.from_preset(str(tmp_path)),
+    ):
+        assert isinstance(loaded, VisionMoEImageClassifier)
+        np.testing.assert_array_equal(_predict(loaded, images), expected)
+    features = _predict(backbone, images)
+    for loaded in (
+        VisionMoEBackbone.from_preset(str(tmp_path)),
+        keras_hub.models.Backbone.from_preset(str(tmp_path)),
+    ):
+        assert isinstance(loaded, VisionMoEBackbone)
+        np.testing.assert_array_equal(_predict(loaded, images), features)
+    # A new head (num_classes override) keeps the backbone weights.
+    new_head = models.from_preset(str(tmp_path), num_classes=5)
+    assert new_head.get_layer("head").units == 5
+    np.testing.assert_array_equal(_predict(new_head.backbone, images), features)
+
+
+def test_generated_json_matches_save_to_preset(tmp_path):
+    """Preset files written without building equal what keras-hub writes."""
+    backbone = VisionMoEBackbone(**BACKBONE_ARGS)
+    VisionMoEImageClassifier(backbone, **CLASSIFIER_ARGS).save_to_preset(str(tmp_path))
+    generated = preset_files("x", "tiny", BACKBONE_ARGS, CLASSIFIER_ARGS)
+    for filename in ("config.json", "task.json"):
+        with open(tmp_path / filename) as f:
+            saved = json.load(f)
+        ours = json.loads(json.dumps(generated[filename]))
+        for doc in (saved, ours):  # the dtype policy is left to the loader
+            cfg = doc["config"]
+            cfg.get("backbone", {}).get("config", {}).pop("dtype", None)
+            cfg.pop("dtype", None)
+        assert ours == saved, filename
+    with open(tmp_path / "metadata.json") as f:
+        saved_meta = json.load(f)
+    assert (
+        generated["metadata.json"]["parameter_count"] == saved_meta["parameter_count"]
+    )
