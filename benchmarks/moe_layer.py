@@ -1,0 +1,86 @@
+"""MoE layer forward+backward time relative to a dense MLP of equal compute.
+
+Run: `KERAS_BACKEND=jax python -m benchmarks.moe_layer` (JAX only).
+
+Shape (the paper's B/32-like group): d=384, h=1536, E=8, 8 groups of
+8 images x 65 tokens = 520 tokens. Every sparse router processes 520 expert
+slots per group (Token Choice K=1 at factor 1; Expert Choice factor 1;
+Soft MoE 65 slots per expert), the same per-token compute as the dense MLP
+d->h->d. Capacities are not rounded to multiples of 4 here, so that the
+routers and the dense MLP do exactly the same expert FLOPs.
+"""
+
+import keras
+import numpy as np
+
+from benchmarks.common import interleaved_median_times, jax_train_step, markdown_table
+from keras_vmoe import routers
+from keras_vmoe.layers import MlpExperts, MoE
+
+D, H, E = 384, 1536, 8
+IMAGES_PER_GROUP, TOKENS_PER_IMAGE, GROUPS = 8, 65, 8
+S = IMAGES_PER_GROUP * TOKENS_PER_IMAGE
+
+ROUTER_SETTINGS = {
+    "softmax_token_choice": dict(num_selected_experts=1, capacity_factor=1.0),
+    "sinkhorn_token_choice": dict(num_selected_experts=1, capacity_factor=1.0),
+    "softmax_expert_choice": dict(capacity_factor=1.0),
+    "sinkhorn_expert_choice": dict(capacity_factor=1.0),
+    "sparsity_constrained_expert_choice": dict(capacity_factor=1.0),
+    "soft": dict(num_slots=S // E),
+}
+
+
+def dense_mlp():
+    return keras.Sequential(
+        [
+            keras.layers.Dense(H, activation="gelu", name="dense_in"),
+            keras.layers.Dense(D, name="dense_out"),
+        ],
+        name="dense_mlp",
+    )
+
+
+def make_moe(name, use_einsum_dispatch=False, group_size=S):
+    kwargs = dict(ROUTER_SETTINGS[name], num_experts=E)
+    if name != "soft":
+        kwargs["capacity_multiple_of"] = 1
+    return MoE(
+        routers.get(name, **kwargs),
+        MlpExperts(E, H),
+        group_size=group_size,
+        use_einsum_dispatch=use_einsum_dispatch,
+    )
+
+
+def run(repeats=10, router_names=None):
+    """Rows of {layer, ms, ratio, compile s}; all variants timed in turns."""
+    x = np.random.default_rng(0).normal(
+        size=(GROUPS * IMAGES_PER_GROUP, TOKENS_PER_IMAGE, D)
+    )
+    x = x.astype("float32")
+    variants = {"dense MLP": dense_mlp()}
+    for name in router_names or ROUTER_SETTINGS:
+        for einsum in (False, True):
+            label = f"{name} ({'einsum' if einsum else 'index'} dispatch)"
+            variants[label] = make_moe(name, use_einsum_dispatch=einsum)
+    steps, compile_seconds = {}, {}
+    for label, layer in variants.items():
+        steps[label], compile_seconds[label], _ = jax_train_step(layer, x)
+    times = interleaved_median_times(steps, repeats)
+    dense = times["dense MLP"]
+    return [
+        {
+            "layer": label,
+            "ms": t * 1e3,
+            "ratio": t / dense,
+            "compile s": compile_seconds[label],
+        }
+        for label, t in times.items()
+    ]
+
+
+COLUMNS = ["layer", "ms", "ratio", "compile s"]
+
+if __name__ == "__main__":
+    print(markdown_table(run(), COLUMNS))
