@@ -26,14 +26,21 @@ Families (all 224x224 images, ImageNet-1k head with sigmoid loss):
   S is the 12-block, d=384 ViT-S here.
 """
 
-import difflib
 import json
-import os
 import pathlib
 
 import keras
 
 from keras_vmoe.models import cost
+from keras_vmoe.models.preset_loader import (  # noqa: F401 - re-exported
+    builtin_names,
+    from_preset,
+    load_backbone,
+    load_classifier,
+    presets_dir,
+    read_json,
+    resolve_preset,
+)
 from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone, parse_moe_layers
 from keras_vmoe.models.vmoe_image_classifier import VisionMoEImageClassifier
 
@@ -89,9 +96,6 @@ ROUTER_RECIPES = {
         "Soft MoE router (round(2T/E) slots per expert, 1 image per group)",
     ),
 }
-
-PRESETS_ENV_VAR = "KERAS_VMOE_PRESETS_DIR"
-_PRESET_FILES = ("config.json", "task.json", "metadata.json")
 
 
 def _size_kwargs(size, patch):
@@ -168,238 +172,6 @@ def preset_definitions():
     return defs
 
 
-# ----------------------------------------------------------------------------
-# Where presets live.
-# ----------------------------------------------------------------------------
-def presets_dir():
-    """The folder holding the built-in presets.
-
-    Looked up in order: `$KERAS_VMOE_PRESETS_DIR`; `keras_vmoe/presets`
-    (installed as package data); `presets/` next to the package (a source
-    checkout); `<sys.prefix>/share/keras_vmoe/presets` (installed as data
-    files). Returns the first that exists, else the checkout location.
-    """
-    import sys
-
-    here = pathlib.Path(__file__).resolve().parent  # keras_vmoe/models
-    candidates = []
-    if os.environ.get(PRESETS_ENV_VAR):
-        candidates.append(pathlib.Path(os.environ[PRESETS_ENV_VAR]))
-    candidates += [
-        here.parent / "presets",
-        here.parent.parent / "presets",
-        pathlib.Path(sys.prefix) / "share" / "keras_vmoe" / "presets",
-    ]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    return here.parent.parent / "presets"
-
-
-def _builtin_names():
-    root = presets_dir()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
-
-
-def _read_json(folder, filename, required=True):
-    path = pathlib.Path(folder) / filename
-    if not path.is_file():
-        if required:
-            raise FileNotFoundError(
-                f"Preset folder '{folder}' has no `{filename}` (expected {path})."
-            )
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Preset file {path} is not valid JSON: {e}") from e
-
-
-def resolve_preset(name_or_dir):
-    """The folder of a preset given by built-in name or directory path.
-
-    Raises:
-        ValueError: unknown name (the message lists close matches).
-    """
-    if not isinstance(name_or_dir, (str, os.PathLike)):
-        raise ValueError(f"A preset must be a name or a folder, got {name_or_dir!r}.")
-    path = pathlib.Path(name_or_dir)
-    if path.is_dir():
-        return path
-    names = _builtin_names()
-    if str(name_or_dir) in names:
-        return presets_dir() / str(name_or_dir)
-    close = difflib.get_close_matches(str(name_or_dir), names, n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ValueError(
-        f"Unknown preset {str(name_or_dir)!r}: not a built-in preset name and "
-        f"not a folder.{hint} See keras_vmoe.models.list_presets()."
-    )
-
-
-def _serialized(obj_config, cls):
-    if not isinstance(obj_config, dict) or "config" not in obj_config:
-        raise ValueError(f"expected a serialized {cls.__name__} with a 'config' entry")
-    registered = obj_config.get("registered_name") or obj_config.get("class_name")
-    found = keras.saving.get_registered_object(registered)
-    if found is None or not issubclass(found, cls):
-        raise ValueError(f"it holds {registered!r}, not a {cls.__name__}")
-    return found, dict(obj_config["config"])
-
-
-def _load_configs(folder):
-    """(backbone class, backbone config, classifier class, classifier config)."""
-    raw = _read_json(folder, "config.json")
-    try:
-        backbone_cls, backbone_config = _serialized(raw, VisionMoEBackbone)
-    except ValueError as e:
-        raise ValueError(
-            f"Preset file {pathlib.Path(folder) / 'config.json'}: {e}."
-        ) from e
-    _read_json(folder, "metadata.json", required=False)  # must parse if present
-    task = _read_json(folder, "task.json", required=False)
-    task_cls, task_config = VisionMoEImageClassifier, {}
-    if task is not None:
-        try:
-            task_cls, task_config = _serialized(task, VisionMoEImageClassifier)
-        except ValueError as e:
-            raise ValueError(
-                f"Preset file {pathlib.Path(folder) / 'task.json'}: {e}."
-            ) from e
-        task_config.pop("backbone", None)
-        task_config.pop("preprocessor", None)
-    return backbone_cls, backbone_config, task_cls, task_config
-
-
-def _names(cls, skip=("self", "args", "kwargs")):
-    import inspect
-
-    return [n for n in inspect.signature(cls.__init__).parameters if n not in skip]
-
-
-def _apply_backbone_overrides(config, overrides):
-    config = dict(config)
-    overrides = dict(overrides)
-    if "image_size" in overrides:
-        size = overrides.pop("image_size")
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        channels = config.get("image_shape", (IMAGE_SIZE, IMAGE_SIZE, 3))[-1]
-        overrides.setdefault("image_shape", (*hw, channels))
-    if "router" in overrides and overrides["router"] != config.get("router"):
-        # Another router's kwargs rarely fit: fall back to its own defaults.
-        overrides.setdefault("router_config", None)
-        if overrides["router"] is None:
-            overrides.setdefault("moe_layers", None)
-            overrides.setdefault("num_experts", None)
-    config.update(overrides)
-    return config
-
-
-def _split_overrides(overrides, for_classifier):
-    backbone_names = set(_names(VisionMoEBackbone)) | {"image_size", "dtype"}
-    classifier_names = set(_names(VisionMoEImageClassifier)) - {"backbone"}
-    classifier_names |= {"name", "compile"} if for_classifier else set()
-    if not for_classifier:
-        backbone_names |= {"name", "trainable"}
-    backbone_kw, classifier_kw = {}, {}
-    for key, value in overrides.items():
-        if key in classifier_names and for_classifier:
-            classifier_kw[key] = value
-        elif key in backbone_names:
-            backbone_kw[key] = value
-        else:
-            valid = sorted(
-                backbone_names | (classifier_names if for_classifier else set())
-            )
-            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(
-                f"Unknown preset override {key!r}.{hint} Valid overrides: "
-                f"{', '.join(valid)}."
-            )
-    return backbone_kw, classifier_kw
-
-
-def _load_weights(model, path, method):
-    try:
-        getattr(model, method)(str(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named.
-        raise ValueError(
-            f"Could not load weights from {path}: {e}. If you overrode the "
-            "architecture, pass load_weights=False."
-        ) from e
-
-
-def load_backbone(preset, load_weights=True, **overrides):
-    """A `VisionMoEBackbone` from a preset name or folder; see `from_preset`."""
-    folder = resolve_preset(preset)
-    backbone_cls, config, _, _ = _load_configs(folder)
-    backbone_kw, _ = _split_overrides(overrides, for_classifier=False)
-    backbone = backbone_cls.from_config(_apply_backbone_overrides(config, backbone_kw))
-    weights = folder / "model.weights.h5"
-    if load_weights and weights.is_file():
-        _load_weights(backbone, weights, "load_weights")
-    return backbone
-
-
-def load_classifier(preset, load_weights=True, **overrides):
-    """A `VisionMoEImageClassifier` from a preset; see `from_preset`."""
-    folder = resolve_preset(preset)
-    backbone_cls, config, task_cls, task_config = _load_configs(folder)
-    backbone_kw, classifier_kw = _split_overrides(overrides, for_classifier=True)
-    if "backbone" in overrides:
-        raise ValueError("Pass overrides, not a `backbone`, to from_preset().")
-    backbone = backbone_cls.from_config(_apply_backbone_overrides(config, backbone_kw))
-    task_config = {**task_config, **classifier_kw}
-    if "num_classes" not in task_config:
-        raise ValueError(
-            f"Preset folder '{folder}' has no `task.json`; pass `num_classes=`."
-        )
-    model = task_cls(backbone=backbone, **task_config)
-    if load_weights:
-        weights = folder / "model.weights.h5"
-        if weights.is_file():
-            _load_weights(backbone, weights, "load_weights")
-        task_weights = folder / "task.weights.h5"
-        if task_weights.is_file() and "num_classes" not in classifier_kw:
-            _load_weights(model, task_weights, "load_task_weights")
-    return model
-
-
-def from_preset(name_or_dir, load_weights=True, **overrides):
-    """A `VisionMoEImageClassifier` from a built-in preset or a preset folder.
-
-    Args:
-        name_or_dir: str. A name from `list_presets()` or a folder written by
-            `save_to_preset()`.
-        load_weights: bool. Load saved weights when the folder has them
-            (built-in architecture presets have none). Defaults to `True`.
-        **overrides: Backbone or classifier arguments replacing the
-            preset's: `num_classes`, `image_size` (int or (h, w)), `router`
-            (its `router_config` then resets to the router's defaults unless
-            also given), `num_experts`, `num_layers`, `hidden_dim`, ...
-
-    Returns:
-        `VisionMoEImageClassifier`.
-
-    Raises:
-        ValueError: unknown preset (close matches listed), unknown override,
-            or an unreadable preset file (named).
-        FileNotFoundError: a required preset file is missing (named).
-
-    Example:
-    >>> model = from_preset("vmoe_softmax_ec_b16_e32_224", num_classes=10,
-    ...     image_size=32, num_layers=2, hidden_dim=16, mlp_dim=32,
-    ...     num_heads=2, num_experts=4, group_size=1)
-    >>> model.backbone.moe_layer_indices
-    (1,)
-    """
-    return load_classifier(name_or_dir, load_weights=load_weights, **overrides)
-
-
 def list_presets(print_table=False):
     """The built-in presets with their description, size and cost.
 
@@ -417,9 +189,7 @@ def list_presets(print_table=False):
     True
     """
     root = presets_dir()
-    result = {
-        name: _read_json(root / name, "metadata.json") for name in _builtin_names()
-    }
+    result = {name: read_json(root / name, "metadata.json") for name in builtin_names()}
     if print_table:
         for name, meta in result.items():
             print(
@@ -535,9 +305,9 @@ def register_with_keras_hub():
 
     root = presets_dir()
     entries = {}
-    for name in _builtin_names():
+    for name in builtin_names():
         try:
-            meta = _read_json(root / name, "metadata.json")
+            meta = read_json(root / name, "metadata.json")
         except (FileNotFoundError, ValueError):
             continue
         entries[name] = {

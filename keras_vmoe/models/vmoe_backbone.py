@@ -4,6 +4,7 @@ import keras
 from keras_hub.models import Backbone
 
 from keras_vmoe.models import vit_layers
+from keras_vmoe.models.encoder_block import EncoderBlock
 
 _PLACEMENT_HELP = (
     "Give a list of block indices (0-based), or one of: 'every:n' (blocks "
@@ -253,7 +254,7 @@ class VisionMoEBackbone(Backbone):
                     ),
                     "identical_init": bool(identical_expert_init),
                 }
-            x = vit_layers.EncoderBlock(
+            x = EncoderBlock(
                 num_heads=num_heads,
                 mlp_dim=mlp_dim,
                 dropout_rate=dropout_rate,
@@ -354,9 +355,9 @@ class VisionMoEBackbone(Backbone):
         >>> backbone.moe_layer_indices
         (1,)
         """
-        from keras_vmoe.models import presets
+        from keras_vmoe.models import preset_loader
 
-        return presets.load_backbone(preset, load_weights=load_weights, **kwargs)
+        return preset_loader.load_backbone(preset, load_weights=load_weights, **kwargs)
 
 
 def _check_router_name(router):

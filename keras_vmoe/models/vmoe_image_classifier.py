@@ -301,6 +301,8 @@ class VisionMoEImageClassifier(ImageClassifier):
         >>> model.num_classes
         5
         """
-        from keras_vmoe.models import presets
+        from keras_vmoe.models import preset_loader
 
-        return presets.load_classifier(preset, load_weights=load_weights, **kwargs)
+        return preset_loader.load_classifier(
+            preset, load_weights=load_weights, **kwargs
+        )

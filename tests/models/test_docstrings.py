@@ -8,6 +8,8 @@ import pytest
 MODULES = [
     "keras_vmoe.models",
     "keras_vmoe.models.cost",
+    "keras_vmoe.models.encoder_block",
+    "keras_vmoe.models.preset_loader",
     "keras_vmoe.models.presets",
     "keras_vmoe.models.vit_layers",
     "keras_vmoe.models.vmoe_backbone",

@@ -1,0 +1,198 @@
+"""The pre-norm Transformer encoder block, with a dense MLP or an MoE.
+
+    x = x + Dropout(MHA(LN_1(x)))
+    x = x + MLP(LN_2(x))          # or MoE(LN_2(x)) in MoE blocks
+
+The MoE is a `keras_vmoe.layers.MoE` with sublayers `router` and `experts`,
+so its weights live at `encoder_block_{i}/moe/router/...` and
+`encoder_block_{i}/moe/experts/...`.
+"""
+
+import keras
+from keras import ops
+
+from keras_vmoe.models.vit_layers import MlpBlock
+
+_PACKAGE = "keras_vmoe"
+
+
+def make_moe(
+    router,
+    num_experts,
+    expert_hidden_dim,
+    group_size,
+    router_config=None,
+    dropout_rate=0.0,
+    identical_init=False,
+    dtype=None,
+    name="moe",
+):
+    """Builds the MoE layer of one encoder block.
+
+    Args:
+        router: str. A router name from `keras_vmoe.routers.ROUTER_NAMES`.
+        num_experts: int. Number of experts `E`.
+        expert_hidden_dim: int. Hidden size of each expert MLP.
+        group_size: int. Tokens per routing group.
+        router_config: dict. Extra router keyword arguments.
+        dropout_rate: float. Dropout inside the experts.
+        identical_init: bool. Initialise all experts identically (done by
+            `EncoderBlock.build`, see `copy_first_expert`).
+        dtype: dtype policy for the MoE layer.
+        name: str. Layer name. Defaults to `"moe"`.
+
+    Returns:
+        A `keras_vmoe.layers.MoE` layer with sublayers `router` and `experts`.
+    """
+    from keras_vmoe import layers as vmoe_layers
+    from keras_vmoe.routers.registry import get_class
+
+    router_kwargs = dict(router_config or {})
+    router_kwargs["num_experts"] = num_experts
+    # Routers compute in float32 by default; do not pass the model's policy.
+    # (`routers.get(name, ...)` takes the router name as `name`, hence get_class.)
+    router_layer = get_class(router)(name="router", **router_kwargs)
+    experts = vmoe_layers.MlpExperts(
+        num_experts=num_experts,
+        hidden_dim=expert_hidden_dim,
+        dropout_rate=dropout_rate,
+        identical_init=False,  # see copy_first_expert
+        dtype=dtype,
+        name="experts",
+    )
+    del identical_init  # applied after building, by copy_first_expert
+    return vmoe_layers.MoE(
+        router=router_layer,
+        experts=experts,
+        group_size=group_size,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def copy_first_expert(experts):
+    """Gives every expert the initial weights of expert 0 (V-MoE init).
+
+    Done here with `ops.tile` + `assign` rather than with
+    `MlpExperts(identical_init=True)`: that initializer broadcasts one
+    expert's kernel, which on torch yields a stride-0 tensor that cannot be
+    assigned to (optimizer updates and weight loading then fail).
+    """
+    for variable in experts.weights:
+        if len(variable.shape) >= 2 and variable.shape[0] == experts.num_experts:
+            first = ops.convert_to_tensor(variable)[:1]
+            reps = (experts.num_experts,) + (1,) * (len(variable.shape) - 1)
+            variable.assign(ops.tile(first, reps))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class EncoderBlock(keras.layers.Layer):
+    """Pre-norm Transformer encoder block with a dense MLP or an MoE.
+
+        x = x + Dropout(MHA(LN_1(x)))
+        x = x + MLP(LN_2(x))          # or MoE(LN_2(x))
+
+    Sublayers (and so weight paths) are `ln_1`, `attention`, `ln_2` and
+    either `mlp/dense_{1,2}` or `moe/{router,experts}`.
+
+    Args:
+        num_heads: int. Attention heads; must divide the model dimension.
+        mlp_dim: int. Hidden size of the dense MLP.
+        dropout_rate: float. Dropout after attention and in the MLP.
+            Defaults to `0.0`.
+        attention_dropout: float. Dropout on attention weights.
+            Defaults to `0.0`.
+        layer_norm_epsilon: float. Defaults to `1e-6`.
+        moe_config: dict or None. If given, the MLP is replaced by
+            `make_moe(**moe_config)`. Defaults to `None` (dense block).
+        **kwargs: Base layer arguments.
+
+    Example:
+    >>> block = EncoderBlock(num_heads=2, mlp_dim=32, name="encoder_block_0")
+    >>> tuple(block(keras.ops.ones((2, 5, 8))).shape)
+    (2, 5, 8)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        mlp_dim,
+        dropout_rate=0.0,
+        attention_dropout=0.0,
+        layer_norm_epsilon=1e-6,
+        moe_config=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.mlp_dim = int(mlp_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.attention_dropout = float(attention_dropout)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.moe_config = None if moe_config is None else dict(moe_config)
+        policy = self.dtype_policy
+        self.ln_1 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=policy, name="ln_1"
+        )
+        self.ln_2 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=policy, name="ln_2"
+        )
+        self.dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=policy, name="dropout"
+        )
+        self.attention = None
+        if self.moe_config is None:
+            self.mlp = MlpBlock(
+                self.mlp_dim, dropout_rate=self.dropout_rate, dtype=policy, name="mlp"
+            )
+        else:
+            self.mlp = make_moe(dtype=policy, name="moe", **self.moe_config)
+
+    @property
+    def is_moe(self):
+        return self.moe_config is not None
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        if hidden_dim % self.num_heads:
+            raise ValueError(
+                f"hidden_dim={hidden_dim} must be divisible by num_heads={self.num_heads}."
+            )
+        self.attention = keras.layers.MultiHeadAttention(
+            num_heads=self.num_heads,
+            key_dim=hidden_dim // self.num_heads,
+            dropout=self.attention_dropout,
+            kernel_initializer="glorot_uniform",
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.ln_1.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.ln_2.build(input_shape)
+        self.mlp.build(input_shape)
+        if self.is_moe and self.moe_config.get("identical_init"):
+            copy_first_expert(self.mlp.experts)
+
+    def call(self, x, training=None):
+        y = self.ln_1(x)
+        y = self.attention(y, y, training=training)
+        x = x + self.dropout(y, training=training)
+        y = self.mlp(self.ln_2(x), training=training)
+        return x + y
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "mlp_dim": self.mlp_dim,
+                "dropout_rate": self.dropout_rate,
+                "attention_dropout": self.attention_dropout,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "moe_config": self.moe_config,
+            }
+        )
+        return config
