@@ -12,13 +12,13 @@ expert. On JAX each router call is jitted (`stateless_call` under
 side in one process: warm-up, then the median of repeated runs.
 """
 
-import statistics
 import time
 
 import keras
 import numpy as np
 from keras import ops
 
+from benchmarks.common import interleaved_median_times, markdown_table
 from keras_vmoe import routers
 
 G, S, E, D = 8, 8 * 65, 32, 384
@@ -79,34 +79,6 @@ def make_step(router, x):
     return step, compile_seconds
 
 
-def interleaved_medians(steps, rounds=5, per_round=4, warmup=3):
-    """Median wall time (seconds) of each step, timed in interleaved rounds.
-
-    The steps take turns (`per_round` runs each per round), so that load
-    changes on a shared machine hit every router alike.
-
-    Args:
-        steps: dict of name to a blocking zero-argument function.
-        rounds: int. Number of rounds. Defaults to 5.
-        per_round: int. Timed runs of each step per round. Defaults to 4.
-        warmup: int. Untimed runs of each step first. Defaults to 3.
-
-    Returns:
-        dict of name to the median time in seconds.
-    """
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def run(rounds=5, per_round=4, warmup=3, names=None):
     """Times every router's routing step on one shared input.
 
@@ -136,7 +108,7 @@ def run(rounds=5, per_round=4, warmup=3, names=None):
         results.append(
             {"router": name, "capacity": int(capacity), "compile_s": compile_seconds}
         )
-    medians = interleaved_medians(steps, rounds, per_round, warmup)
+    medians = interleaved_median_times(steps, rounds * per_round, warmup)
     baseline = medians[BASELINE]
     for row in results:
         row["median_ms"] = 1e3 * medians[row["router"]]
@@ -144,17 +116,7 @@ def run(rounds=5, per_round=4, warmup=3, names=None):
     return results
 
 
-def markdown(results):
-    """The results as a markdown table."""
-    columns = ["router", "capacity", "median_ms", "compile_s", "ratio_vs_softmax_ec"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in results:
-        cells = [
-            f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c])
-            for c in columns
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+COLUMNS = ["router", "capacity", "median_ms", "compile_s", "ratio_vs_softmax_ec"]
 
 
 if __name__ == "__main__":
@@ -162,4 +124,4 @@ if __name__ == "__main__":
         f"Routing step, backend {keras.backend.backend()}: G={G}, S={S}, E={E}, "
         f"d={D}; median ms and ratio to {BASELINE}.\n"
     )
-    print(markdown(run()))
+    print(markdown_table(run(), COLUMNS))

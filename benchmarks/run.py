@@ -1,0 +1,75 @@
+"""Runs every CPU benchmark and writes BENCHMARKS.md (`make bench`).
+
+Each benchmark compares variants side by side in one process (warm-up,
+then medians of runs taken in turns). The end-to-end benchmark runs once
+per backend, each in its own process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from benchmarks import dispatch_scaling, moe_layer, routing_step
+from benchmarks.common import machine_description, markdown_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_E2E = (
+    "import json; from benchmarks import end_to_end; "
+    "print('JSON' + json.dumps(end_to_end.run()))"
+)
+
+
+def end_to_end_all_backends():
+    rows = []
+    for backend in ("jax", "tensorflow", "torch"):
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        out = subprocess.run(
+            [sys.executable, "-c", _E2E],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        lines = [line for line in out.stdout.splitlines() if line.startswith("JSON")]
+        if out.returncode or not lines:
+            raise RuntimeError(f"end_to_end on {backend} failed:\n{out.stderr[-3000:]}")
+        rows.extend(json.loads(lines[-1][4:]))
+    return rows
+
+
+OUTPUT = os.path.join(ROOT, "BENCHMARKS.md")
+
+
+def main(path=OUTPUT):
+    machine = machine_description()
+    sections = [
+        ("MoE layer vs dense MLP (forward+backward, JAX)", moe_layer, moe_layer.run()),
+        ("Routing step per router (JAX)", routing_step, routing_step.run()),
+        (
+            "Index vs einsum dispatch as the group grows (JAX)",
+            dispatch_scaling,
+            dispatch_scaling.run(),
+        ),
+    ]
+    e2e = end_to_end_all_backends()
+    with open(path, "w") as f:
+        f.write("# keras_vmoe benchmarks\n\n")
+        f.write("Written by `make bench` (`python -m benchmarks.run`).\n\n")
+        for key, value in machine.items():
+            f.write(f"- {key}: {value}\n")
+        for title, module, rows in sections:
+            f.write(f"\n## {title}\n\n{(module.__doc__ or '').strip()}\n\n")
+            f.write(markdown_table(rows, module.COLUMNS) + "\n")
+        from benchmarks import end_to_end
+
+        f.write(
+            f"\n## End-to-end training throughput\n\n{end_to_end.__doc__.strip()}\n\n"
+        )
+        f.write(markdown_table(e2e, end_to_end.COLUMNS) + "\n")
+    print(open(path).read())
+
+
+if __name__ == "__main__":
+    main()
