@@ -359,6 +359,41 @@ class VisionMoEBackbone(Backbone):
 
         return preset_loader.load_backbone(preset, load_weights=load_weights, **kwargs)
 
+    @classmethod
+    def get_layout_map(
+        cls, device_mesh, data_axis="batch", expert_axis="expert", model_axis=None
+    ):
+        """The `keras.distribution.LayoutMap` that shards a V-MoE (JAX).
+
+        Expert weights on `expert_axis`, attention and dense MLP kernels on
+        `model_axis` (if given), everything else replicated. Delegates to
+        `keras_vmoe.distribution.get_layout_map`; check the result on a
+        built model with `keras_vmoe.distribution.validate_layouts`.
+
+        Args:
+            device_mesh: `keras.distribution.DeviceMesh`.
+            data_axis: str. Mesh axis of the batch. Defaults to `"batch"`.
+            expert_axis: str or None. Mesh axis of the experts. Defaults to
+                `"expert"`.
+            model_axis: str or None. Mesh axis for tensor parallelism.
+                Defaults to `None`.
+
+        Example:
+        >>> mesh = keras.distribution.DeviceMesh(
+        ...     shape=(1, 1), axis_names=("batch", "expert"), devices=["cpu:0"])
+        >>> layout_map = VisionMoEBackbone.get_layout_map(mesh)
+        >>> layout_map["encoder_block_1/moe/experts/output_kernel"].axes
+        ('expert', None, None)
+        """
+        from keras_vmoe.distribution import get_layout_map
+
+        return get_layout_map(
+            device_mesh,
+            data_axis=data_axis,
+            expert_axis=expert_axis,
+            model_axis=model_axis,
+        )
+
 
 def _check_router_name(router):
     if not isinstance(router, str):
