@@ -10,6 +10,7 @@ their affinity (e.g. `DenseGating`) and call an allocation function.
 import keras
 from keras import ops
 
+from keras_vmoe.routers import losses
 from keras_vmoe.routers.capacity import compute_capacity
 
 
@@ -17,6 +18,13 @@ def check_positive_int(name, value, minimum=1):
     if isinstance(value, bool) or int(value) != value or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def check_positive_float(name, value):
+    """`value` as a float, or a ValueError naming `name` unless it is > 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"`{name}` must be a number > 0, got {value!r}.")
+    return float(value)
 
 
 def check_non_negative(name, value):
@@ -170,5 +178,102 @@ class DenseGatingRouter(Router):
         config = super().get_config()
         config["kernel_initializer"] = keras.initializers.serialize(
             self.kernel_initializer
+        )
+        return config
+
+
+class TokenChoiceRouter(DenseGatingRouter):
+    """Shared part of the Token Choice routers: K, BPR and the balance losses.
+
+    Subclasses compute the scores each token ranks experts by (softmax gates,
+    a transport plan, ...) and call `token_choice`. Capacity counts `S * K`
+    token choices: `C = ceil(S * K * factor / E)`.
+
+    Args:
+        num_experts: int. Number of experts `E`.
+        num_selected_experts: int. `K`, experts per token. Defaults to 2.
+        capacity_factor: float. Defaults to 1.05.
+        batch_priority: bool. Batch priority routing. Defaults to `False`.
+        importance_loss_weight: float. Importance loss on
+            `softmax(clean logits)`. Defaults to 0.
+        load_loss_weight: float. Load loss; applies only when noise is on.
+            Defaults to 0.
+        gshard_loss_weight: float. GShard loss on `softmax(noisy logits)`.
+            Defaults to 0.
+        z_loss_weight: float. Router z-loss on the clean logits. Defaults to 0.
+        **kwargs: see `DenseGatingRouter`.
+    """
+
+    counts_selected_experts = True
+
+    def __init__(
+        self,
+        num_experts,
+        num_selected_experts=2,
+        capacity_factor=1.05,
+        batch_priority=False,
+        importance_loss_weight=0.0,
+        load_loss_weight=0.0,
+        gshard_loss_weight=0.0,
+        z_loss_weight=0.0,
+        **kwargs,
+    ):
+        super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
+        self.num_selected_experts = check_positive_int(
+            "num_selected_experts", num_selected_experts
+        )
+        if self.num_selected_experts > self.num_experts:
+            raise ValueError(
+                f"`num_selected_experts` ({num_selected_experts}) must be at most "
+                f"`num_experts` ({num_experts})."
+            )
+        self.batch_priority = bool(batch_priority)
+        self.importance_loss_weight = check_non_negative(
+            "importance_loss_weight", importance_loss_weight
+        )
+        self.load_loss_weight = check_non_negative("load_loss_weight", load_loss_weight)
+        self.gshard_loss_weight = check_non_negative(
+            "gshard_loss_weight", gshard_loss_weight
+        )
+        self.z_loss_weight = check_non_negative("z_loss_weight", z_loss_weight)
+
+    def auxiliary_loss(self, clean, noisy, training):
+        """Weighted sum of the enabled losses `(G,)`, and each loss by name."""
+        parts = {}
+        if self.importance_loss_weight > 0:
+            parts["importance_loss"] = (
+                self.importance_loss_weight,
+                losses.importance_loss(ops.softmax(clean, axis=-1)),
+            )
+        if self.load_loss_weight > 0 and training and self.noise_std > 0:
+            parts["load_loss"] = (
+                self.load_loss_weight,
+                losses.load_loss(
+                    clean, noisy, self.noise_std, self.num_selected_experts
+                ),
+            )
+        if self.gshard_loss_weight > 0:
+            parts["gshard_loss"] = (
+                self.gshard_loss_weight,
+                losses.gshard_loss(ops.softmax(noisy, axis=-1)),
+            )
+        if self.z_loss_weight > 0:
+            parts["router_z_loss"] = (self.z_loss_weight, losses.router_z_loss(clean))
+        if not parts:
+            return None, {}
+        total = sum(weight * value for weight, value in parts.values())
+        return total, {name: value for name, (_, value) in parts.items()}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_selected_experts": self.num_selected_experts,
+                "batch_priority": self.batch_priority,
+                "importance_loss_weight": self.importance_loss_weight,
+                "load_loss_weight": self.load_loss_weight,
+                "gshard_loss_weight": self.gshard_loss_weight,
+                "z_loss_weight": self.z_loss_weight,
+            }
         )
         return config

@@ -4,24 +4,16 @@ import keras
 from keras import ops
 
 from keras_vmoe.ot import sinkhorn_plan
-from keras_vmoe.routers import losses
 from keras_vmoe.routers.allocation import token_choice
 from keras_vmoe.routers.base import (
-    DenseGatingRouter,
-    check_non_negative,
+    TokenChoiceRouter,
+    check_positive_float,
     check_positive_int,
 )
 
 
-def check_positive_float(name, value):
-    """`value` as a float, or a ValueError naming `name` unless it is > 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"`{name}` must be a number > 0, got {value!r}.")
-    return float(value)
-
-
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class SinkhornTokenChoiceRouter(DenseGatingRouter):
+class SinkhornTokenChoiceRouter(TokenChoiceRouter):
     """Each token picks its top-K experts on a balanced (Sinkhorn) plan.
 
     The (noisy) gating logits are turned into an entropic optimal-transport
@@ -47,13 +39,11 @@ class SinkhornTokenChoiceRouter(DenseGatingRouter):
             value of each token. Defaults to `False`.
         num_iters: int. Sinkhorn iterations. Defaults to 20.
         epsilon: float. Entropic regularisation of the plan. Defaults to 1.0.
-        importance_loss_weight: float. Optional importance loss on
-            `softmax(clean logits)`. Defaults to 0.
-        load_loss_weight: float. Optional load loss (only when noise is on).
-            Defaults to 0.
-        **kwargs: `eval_capacity_factor`, `capacity`, `capacity_multiple_of`,
-            `noise_std`, `seed`, `kernel_initializer` and base layer
-            arguments, see `DenseGatingRouter`.
+        **kwargs: the auxiliary loss weights (all 0 by default, as in the
+            reference), `eval_capacity_factor`, `capacity`,
+            `capacity_multiple_of`, `noise_std`, `seed`, `kernel_initializer`
+            and base layer arguments, see `TokenChoiceRouter` and
+            `DenseGatingRouter`.
 
     Example:
     >>> import numpy as np
@@ -66,8 +56,6 @@ class SinkhornTokenChoiceRouter(DenseGatingRouter):
     32.0
     """
 
-    counts_selected_experts = True
-
     def __init__(
         self,
         num_experts,
@@ -76,26 +64,17 @@ class SinkhornTokenChoiceRouter(DenseGatingRouter):
         batch_priority=False,
         num_iters=20,
         epsilon=1.0,
-        importance_loss_weight=0.0,
-        load_loss_weight=0.0,
         **kwargs,
     ):
-        super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
-        self.num_selected_experts = check_positive_int(
-            "num_selected_experts", num_selected_experts
+        super().__init__(
+            num_experts,
+            num_selected_experts=num_selected_experts,
+            capacity_factor=capacity_factor,
+            batch_priority=batch_priority,
+            **kwargs,
         )
-        if self.num_selected_experts > self.num_experts:
-            raise ValueError(
-                f"`num_selected_experts` ({num_selected_experts}) must be at most "
-                f"`num_experts` ({num_experts})."
-            )
-        self.batch_priority = bool(batch_priority)
         self.num_iters = check_positive_int("num_iters", num_iters)
         self.epsilon = check_positive_float("epsilon", epsilon)
-        self.importance_loss_weight = check_non_negative(
-            "importance_loss_weight", importance_loss_weight
-        )
-        self.load_loss_weight = check_non_negative("load_loss_weight", load_loss_weight)
 
     def call(self, x, training=False):
         clean, noisy = self.gating_logits(x, training)  # (G, S, E) each
@@ -111,36 +90,7 @@ class SinkhornTokenChoiceRouter(DenseGatingRouter):
         )
         return routing.with_auxiliary_loss(*self.auxiliary_loss(clean, noisy, training))
 
-    def auxiliary_loss(self, clean, noisy, training):
-        """Weighted sum of the enabled losses `(G,)`, and each loss by name."""
-        parts = {}
-        if self.importance_loss_weight > 0:
-            parts["importance_loss"] = (
-                self.importance_loss_weight,
-                losses.importance_loss(ops.softmax(clean, axis=-1)),
-            )
-        if self.load_loss_weight > 0 and training and self.noise_std > 0:
-            parts["load_loss"] = (
-                self.load_loss_weight,
-                losses.load_loss(
-                    clean, noisy, self.noise_std, self.num_selected_experts
-                ),
-            )
-        if not parts:
-            return None, {}
-        total = sum(weight * value for weight, value in parts.values())
-        return total, {name: value for name, (_, value) in parts.items()}
-
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "num_selected_experts": self.num_selected_experts,
-                "batch_priority": self.batch_priority,
-                "num_iters": self.num_iters,
-                "epsilon": self.epsilon,
-                "importance_loss_weight": self.importance_loss_weight,
-                "load_loss_weight": self.load_loss_weight,
-            }
-        )
+        config.update({"num_iters": self.num_iters, "epsilon": self.epsilon})
         return config

@@ -9,8 +9,11 @@ from keras import ops
 
 from keras_vmoe.ot import sparse_ot_plan
 from keras_vmoe.routers.allocation import expert_choice
-from keras_vmoe.routers.base import DenseGatingRouter, check_positive_int
-from keras_vmoe.routers.sinkhorn_token_choice import check_positive_float
+from keras_vmoe.routers.base import (
+    DenseGatingRouter,
+    check_positive_float,
+    check_positive_int,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
