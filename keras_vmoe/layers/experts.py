@@ -66,7 +66,7 @@ class MlpExperts(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> experts = MlpExperts(num_experts=4, hidden_dim=32)
-    >>> experts(np.zeros((4, 2, 3, 16), "float32")).shape
+    >>> tuple(experts(np.zeros((4, 2, 3, 16), "float32")).shape)
     (4, 2, 3, 16)
     """
 

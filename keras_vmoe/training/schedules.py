@@ -43,7 +43,7 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     Example:
     >>> schedule = WarmupLinearDecay(1e-3, total_steps=100, warmup_steps=10)
-    >>> float(schedule(5))  # halfway through the warmup
+    >>> round(float(schedule(5)), 6)  # halfway through the warmup
     0.0005
     """
 
