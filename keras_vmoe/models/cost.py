@@ -67,10 +67,23 @@ def make_router(cfg):
 
 
 def _router_params(cfg):
-    """Router weights: built alone on `(1, S, d)` (they are small)."""
+    """Router weights of one MoE layer.
+
+    Known routers are counted by formula: dense gating `d x E`; Soft MoE
+    slot embeddings `d x E x P` plus a scale. Any other router is built
+    alone on `(1, S, d)` and counted (router weights are small).
+    """
+    from keras_vmoe.routers.base import DenseGatingRouter
+    from keras_vmoe.routers.soft import SoftRouter
+
     router = make_router(cfg)
     group_tokens = cfg["group_size"] * cfg["seq_len"]
-    router.build((1, group_tokens, cfg["hidden_dim"]))
+    d, e = cfg["hidden_dim"], cfg["num_experts"]
+    if type(router).build is DenseGatingRouter.build:
+        return d * e
+    if type(router).build is SoftRouter.build:
+        return d * e * router.slots_for(group_tokens) + 1
+    router.build((1, group_tokens, d))
     return router.count_params()
 
 

@@ -54,9 +54,8 @@ def _numpy_vit(w, x, patch, num_layers, num_heads, use_class_token=True):
     return _layer_norm(t, w["encoder_norm/gamma"], w["encoder_norm/beta"])
 
 
-@pytest.mark.parametrize(
-    "pooling, use_class_token", [("token", True), ("gap", True), ("gap", False)]
-)
+# ("gap" with a class token is worked by hand in SequencePooling's example.)
+@pytest.mark.parametrize("pooling, use_class_token", [("token", True), ("gap", False)])
 def test_dense_backbone_matches_numpy(images, pooling, use_class_token):
     backbone = VisionMoEBackbone(
         **TINY, pooling=pooling, use_class_token=use_class_token
