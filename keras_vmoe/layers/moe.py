@@ -41,6 +41,16 @@ class MoE(keras.layers.Layer):
         group_size: int. Tokens per routing group `S`.
         use_einsum_dispatch: bool. Use the dense reference path. Defaults to
             `False`.
+        expert_axis: str or None. Under a `keras.distribution` distribution
+            (JAX) whose device mesh has this axis, the dispatched tokens
+            `(E, G, C, d)` and the expert outputs are constrained to be
+            sharded on it along `E` (and on the distribution's batch axis
+            along `G` when `G` divides evenly), so that XLA sends tokens to
+            the experts' devices (all-to-all) instead of gathering every
+            expert's weights on every device. Shard the expert weights on
+            the same axis (`keras_vmoe.distribution.get_layout_map`). No-op
+            without such a distribution or on other backends. Defaults to
+            `"expert"`.
         **kwargs: base layer arguments.
 
     Example:
@@ -49,12 +59,18 @@ class MoE(keras.layers.Layer):
     >>> from keras_vmoe.routers import SoftmaxExpertChoiceRouter
     >>> moe = MoE(SoftmaxExpertChoiceRouter(num_experts=4),
     ...           MlpExperts(num_experts=4, hidden_dim=32), group_size=8)
-    >>> moe(np.random.rand(2, 8, 16).astype("float32")).shape
+    >>> tuple(moe(np.random.rand(2, 8, 16).astype("float32")).shape)
     (2, 8, 16)
     """
 
     def __init__(
-        self, router, experts, group_size, use_einsum_dispatch=False, **kwargs
+        self,
+        router,
+        experts,
+        group_size,
+        use_einsum_dispatch=False,
+        expert_axis="expert",
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if isinstance(router, dict):
@@ -77,6 +93,11 @@ class MoE(keras.layers.Layer):
         self.experts = experts
         self.group_size = check_positive_int("group_size", group_size)
         self.use_einsum_dispatch = bool(use_einsum_dispatch)
+        if expert_axis is not None and not isinstance(expert_axis, str):
+            raise ValueError(
+                f"`expert_axis` must be a mesh axis name or None, got {expert_axis!r}."
+            )
+        self.expert_axis = expert_axis
 
     def _group_shape(self, input_shape):
         if len(input_shape) != 3:
@@ -131,7 +152,9 @@ class MoE(keras.layers.Layer):
             expert_inputs = routing.einsum_dispatch(groups)  # (E, G, C, d)
         else:
             expert_inputs = routing.dispatch(groups)  # (E, G, C, d)
+        expert_inputs = self._shard_on_experts(expert_inputs)
         expert_outputs = self.experts(expert_inputs, training=training)
+        expert_outputs = self._shard_on_experts(expert_outputs)
         if self.use_einsum_dispatch:
             outputs = routing.einsum_combine(expert_outputs)  # (G, S, d)
         else:
@@ -143,6 +166,38 @@ class MoE(keras.layers.Layer):
         for name in STATISTICS:
             getattr(self, name).assign(ops.cast(stats[name], "float32"))
         return ops.reshape(ops.cast(outputs, x.dtype), ops.shape(x))
+
+    def _shard_on_experts(self, x):
+        """Constrains an expert-major `(E, G, ...)` tensor to the expert axis."""
+        if self.expert_axis is None or keras.backend.backend() != "jax":
+            return x
+        distribution = keras.distribution.distribution()
+        if distribution is None:
+            return x
+        mesh = distribution.device_mesh
+        sizes = dict(zip(mesh.axis_names, mesh.shape))
+        if self.expert_axis not in sizes:
+            return x
+        num_experts = x.shape[0]
+        if num_experts % sizes[self.expert_axis]:
+            raise ValueError(
+                f"Layer {self.name!r}: {num_experts} experts cannot be sharded on "
+                f"mesh axis {self.expert_axis!r} of size "
+                f"{sizes[self.expert_axis]}; the axis size must divide the "
+                "number of experts."
+            )
+        axes = [self.expert_axis] + [None] * (len(x.shape) - 1)
+        batch_axis = distribution.batch_dim_name
+        num_groups = x.shape[1]
+        if (
+            batch_axis in sizes
+            and batch_axis != self.expert_axis
+            and isinstance(num_groups, int)
+            and num_groups % sizes[batch_axis] == 0
+        ):
+            axes[1] = batch_axis
+        layout = keras.distribution.TensorLayout(axes, mesh)
+        return keras.distribution.distribute_tensor(x, layout)
 
     @staticmethod
     def _poison_non_finite_groups(groups, outputs):
@@ -171,6 +226,7 @@ class MoE(keras.layers.Layer):
                 "experts": keras.layers.serialize(self.experts),
                 "group_size": self.group_size,
                 "use_einsum_dispatch": self.use_einsum_dispatch,
+                "expert_axis": self.expert_axis,
             }
         )
         return config
