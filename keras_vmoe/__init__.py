@@ -10,7 +10,16 @@ import os
 # own setting if there is one.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_vmoe import callbacks, data, evaluation, layers, ot, routers, training  # noqa: E402
+from keras_vmoe import (  # noqa: E402
+    callbacks,
+    data,
+    evaluation,
+    layers,
+    models,
+    ot,
+    routers,
+    training,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -18,6 +27,7 @@ __all__ = [
     "data",
     "evaluation",
     "layers",
+    "models",
     "ot",
     "routers",
     "training",

@@ -34,7 +34,11 @@ class ExpertGlorotUniform(keras.initializers.Initializer):
         values = keras.random.uniform(
             draw_shape, -limit, limit, dtype=dtype, seed=self._seed_generator
         )
-        return ops.broadcast_to(values, tuple(shape)) if self.identical else values
+        if self.identical:
+            # tile, not broadcast_to: a broadcast view (stride 0 on torch)
+            # cannot be assigned to or updated in place.
+            values = ops.tile(values, (num_experts, 1, 1))
+        return values
 
     def get_config(self):
         return {"identical": self.identical, "seed": self.seed}
@@ -114,12 +118,14 @@ class MlpExperts(keras.layers.Layer):
 
     def call(self, x, training=False):
         shape = ops.shape(x)
+        dtype = x.dtype
         x = ops.reshape(x, (self.num_experts, -1, shape[-1]))  # (E, M, d)
-        h = ops.matmul(x, self.intermediate_kernel)  # (E, M, h)
-        h = self.activation(h + self.intermediate_bias[:, None, :])
+        h = ops.matmul(x, ops.cast(self.intermediate_kernel, dtype))  # (E, M, h)
+        h = self.activation(h + ops.cast(self.intermediate_bias, dtype)[:, None, :])
         h = self.dropout(h, training=training)
-        y = ops.matmul(h, self.output_kernel)  # (E, M, d)
-        y = self.dropout(y + self.output_bias[:, None, :], training=training)
+        y = ops.matmul(h, ops.cast(self.output_kernel, dtype))  # (E, M, d)
+        y = y + ops.cast(self.output_bias, dtype)[:, None, :]
+        y = self.dropout(y, training=training)
         return ops.reshape(y, shape)
 
     def compute_output_shape(self, input_shape):

@@ -9,7 +9,6 @@ so its weights live at `encoder_block_{i}/moe/router/...` and
 """
 
 import keras
-from keras import ops
 
 from keras_vmoe.models.vit_layers import MlpBlock
 
@@ -36,8 +35,7 @@ def make_moe(
         group_size: int. Tokens per routing group.
         router_config: dict. Extra router keyword arguments.
         dropout_rate: float. Dropout inside the experts.
-        identical_init: bool. Initialise all experts identically (done by
-            `EncoderBlock.build`, see `copy_first_expert`).
+        identical_init: bool. Initialise all experts identically.
         dtype: dtype policy for the MoE layer.
         name: str. Layer name. Defaults to `"moe"`.
 
@@ -50,17 +48,15 @@ def make_moe(
     router_kwargs = dict(router_config or {})
     router_kwargs["num_experts"] = num_experts
     # Routers compute in float32 by default; do not pass the model's policy.
-    # (`routers.get(name, ...)` takes the router name as `name`, hence get_class.)
     router_layer = get_class(router)(name="router", **router_kwargs)
     experts = vmoe_layers.MlpExperts(
         num_experts=num_experts,
         hidden_dim=expert_hidden_dim,
         dropout_rate=dropout_rate,
-        identical_init=False,  # see copy_first_expert
+        identical_init=identical_init,
         dtype=dtype,
         name="experts",
     )
-    del identical_init  # applied after building, by copy_first_expert
     return vmoe_layers.MoE(
         router=router_layer,
         experts=experts,
@@ -68,21 +64,6 @@ def make_moe(
         dtype=dtype,
         name=name,
     )
-
-
-def copy_first_expert(experts):
-    """Gives every expert the initial weights of expert 0 (V-MoE init).
-
-    Done here with `ops.tile` + `assign` rather than with
-    `MlpExperts(identical_init=True)`: that initializer broadcasts one
-    expert's kernel, which on torch yields a stride-0 tensor that cannot be
-    assigned to (optimizer updates and weight loading then fail).
-    """
-    for variable in experts.weights:
-        if len(variable.shape) >= 2 and variable.shape[0] == experts.num_experts:
-            first = ops.convert_to_tensor(variable)[:1]
-            reps = (experts.num_experts,) + (1,) * (len(variable.shape) - 1)
-            variable.assign(ops.tile(first, reps))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -170,8 +151,6 @@ class EncoderBlock(keras.layers.Layer):
         self.attention.build(input_shape, input_shape)
         self.ln_2.build(input_shape)
         self.mlp.build(input_shape)
-        if self.is_moe and self.moe_config.get("identical_init"):
-            copy_first_expert(self.mlp.experts)
 
     def call(self, x, training=None):
         y = self.ln_1(x)

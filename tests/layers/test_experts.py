@@ -56,3 +56,22 @@ def test_experts_errors():
         MlpExperts(2, 4, dropout_rate=1.5)
     with pytest.raises(ValueError, match="num_experts=2"):
         MlpExperts(2, 4)(np.zeros((3, 1, 4, 8), "float32"))
+
+
+def test_identical_experts_train_and_reload(tmp_path):
+    # Regression: a broadcast (stride-0) initial value could not be updated
+    # in place on torch.
+    import keras
+
+    inputs = keras.Input((3, 4, 6))
+    experts = MlpExperts(3, 5, identical_init=True, seed=0, name="experts")
+    outputs = keras.layers.Flatten()(experts(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1)(outputs))
+    kernel = ops.convert_to_numpy(experts.intermediate_kernel)
+    np.testing.assert_array_equal(kernel[1], kernel[0])
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).normal(size=(8, 3, 4, 6)).astype("float32")
+    model.fit(x, np.ones((8, 1)), epochs=1, verbose=0)
+    assert not np.allclose(ops.convert_to_numpy(experts.intermediate_kernel), kernel)
+    model.save_weights(str(tmp_path / "w.weights.h5"))
+    model.load_weights(str(tmp_path / "w.weights.h5"))
