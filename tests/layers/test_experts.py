@@ -63,15 +63,19 @@ def test_identical_experts_train_and_reload(tmp_path):
     # in place on torch.
     import keras
 
-    inputs = keras.Input((3, 4, 6))
+    from keras_vmoe.layers import MoE
+    from keras_vmoe.routers import SoftmaxExpertChoiceRouter
+
+    inputs = keras.Input((4, 6))
     experts = MlpExperts(3, 5, identical_init=True, seed=0, name="experts")
-    outputs = keras.layers.Flatten()(experts(inputs))
+    moe = MoE(SoftmaxExpertChoiceRouter(3), experts, group_size=8)
+    outputs = keras.layers.Flatten()(moe(inputs))
     model = keras.Model(inputs, keras.layers.Dense(1)(outputs))
     kernel = ops.convert_to_numpy(experts.intermediate_kernel)
     np.testing.assert_array_equal(kernel[1], kernel[0])
     model.compile("adam", "mse")
-    x = np.random.default_rng(0).normal(size=(8, 3, 4, 6)).astype("float32")
-    model.fit(x, np.ones((8, 1)), epochs=1, verbose=0)
+    x = np.random.default_rng(0).normal(size=(8, 4, 6)).astype("float32")
+    model.fit(x, np.ones((8, 1)), batch_size=8, epochs=1, verbose=0)
     assert not np.allclose(ops.convert_to_numpy(experts.intermediate_kernel), kernel)
     model.save_weights(str(tmp_path / "w.weights.h5"))
     model.load_weights(str(tmp_path / "w.weights.h5"))
