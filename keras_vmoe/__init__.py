@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from keras_vmoe import (  # noqa: E402
     callbacks,
     data,
+    distribution,
     evaluation,
     layers,
     models,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "callbacks",
     "data",
+    "distribution",
     "evaluation",
     "layers",
     "models",
