@@ -33,5 +33,9 @@ demo: setup
 bench: setup
 	KERAS_BACKEND=jax $(PY) -m benchmarks.run
 
+# Regenerates the Colab notebooks guides/ipynb/*.ipynb from the guides.
+notebooks: setup
+	$(PY) tools/make_notebooks.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .jax_cache build dist *.egg-info
