@@ -15,17 +15,16 @@ from keras_vmoe.routers.routing import Routing
 
 
 def _check_scores(scores, combine_weights):
-    if len(ops.shape(scores)) != 3:
+    # Static shapes only: under tf.function the group axis may be unknown.
+    shape = tuple(scores.shape)
+    if len(shape) != 3:
         raise ValueError(
-            "`scores` must have shape (groups, group_size, num_experts), got "
-            f"shape {tuple(ops.shape(scores))}."
+            f"`scores` must have shape (groups, group_size, num_experts), got shape {shape}."
         )
-    if combine_weights is not None and tuple(ops.shape(combine_weights)) != tuple(
-        ops.shape(scores)
-    ):
+    if combine_weights is not None and tuple(combine_weights.shape)[1:] != shape[1:]:
         raise ValueError(
-            "`combine_weights` must have the shape of `scores` "
-            f"{tuple(ops.shape(scores))}, got {tuple(ops.shape(combine_weights))}."
+            f"`combine_weights` must have the shape of `scores` {shape}, got "
+            f"{tuple(combine_weights.shape)}."
         )
 
 

@@ -170,3 +170,15 @@ def test_bad_inputs():
         MoE(routers.SoftRouter(4), MlpExperts(3, 8), group_size=4)
     with pytest.raises(ValueError, match="router"):
         MoE("soft", MlpExperts(3, 8), group_size=4)
+
+
+@pytest.mark.parametrize(
+    "name", ["sinkhorn_token_choice", "sparsity_constrained_expert_choice"]
+)
+def test_fit_with_unknown_batch_size(name):
+    # Regression: under tf.function the group axis is unknown (None); shape
+    # checks must not turn a symbolic dimension into a Python bool.
+    model = make_model(name)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(X, np.array([0, 1, 2, 0]), batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
