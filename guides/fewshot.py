@@ -4,7 +4,7 @@ Author: keras_vmoe team
 Date created: 2026/11/29
 Last modified: 2026/11/29
 Description: Measure how well frozen V-MoE features transfer, with closed-form few-shot linear probes.
-Accelerator: None
+Accelerator: GPU
 """
 
 import os
@@ -118,10 +118,10 @@ result a little; big_vision reports the fixed `2^10` for that reason, and a
 sweep is useful to see how sensitive a representation is to it.
 
 Plotting accuracy against l2 shows why the sweep matters. A weak regulariser
-can be disastrous: at 5 shots, 50 examples meet 768 pixel features and the
-probe interpolates noise. Intermediate values (around `2^8` to `2^12` here)
-work for every shot, and very large ones cost a few points as the weights
-shrink (the bias column of 100 keeps the probe from collapsing to chance).
+can be disastrous: at 5 shots, 50 examples meet hundreds of pixel features and
+the probe fits noise. Values around `2^10` work for every shot, and very large
+ones cost a few points as the weights shrink (the bias column of 100 keeps
+the probe from collapsing to chance).
 """
 
 
