@@ -28,7 +28,7 @@ lint: setup
 	$(PY) -m ruff format --check keras_vmoe tests benchmarks guides
 
 demo: setup
-	$(VENV)/bin/keras-vmoe --backend jax demo
+	$(VENV)/bin/keras-vmoe --backend jax study
 
 bench: setup
 	KERAS_BACKEND=jax $(PY) -m benchmarks.run

@@ -14,6 +14,7 @@ import sys
 # subcommand -> module with `add_arguments(parser)` and `run(args)`.
 _COMMANDS = {
     "demo": "keras_vmoe.demo",
+    "study": "keras_vmoe.study.command",
 }
 
 

@@ -1,0 +1,62 @@
+"""The router study: the paper's experiment, scaled down to run offline.
+
+Trains the same small ViT-MoE on Animal-MNIST with each of the six routers
+and a dense ViT at equal compute, then compares test accuracy, few-shot
+transfer to digits, throughput, FLOPs, dropped tokens and load balance
+(`keras-vmoe study`, `make demo`).
+
+- `config`: `StudyConfig`, `DEFAULT`, `QUICK`, `equal_compute`.
+- `data`: the in-memory datasets. `runner`: train and evaluate one model.
+- `routing_maps`: expert per patch. `report`: tables, JSON, CSV.
+- `plots`: PNGs. `experiment`: `run_study`. `command`: the CLI.
+
+Example:
+
+```python
+from keras_vmoe.study import QUICK, run_study
+
+result = run_study(QUICK, ["dense", "soft"], seeds=1, output_dir="/tmp/study")
+```
+"""
+
+from keras_vmoe.study.config import (
+    DEFAULT,
+    DENSE,
+    MODEL_NAMES,
+    QUICK,
+    StudyConfig,
+    backbone_config,
+    describe_equal_compute,
+    equal_compute,
+)
+
+_LAZY = {
+    "run_study": "keras_vmoe.study.experiment",
+    "train_and_evaluate": "keras_vmoe.study.runner",
+    "load_study_data": "keras_vmoe.study.data",
+}
+
+
+def __getattr__(name):
+    # The training modules import keras_hub models: load them on first use
+    # so that `keras-vmoe --help` and other subcommands stay fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT",
+    "DENSE",
+    "MODEL_NAMES",
+    "QUICK",
+    "StudyConfig",
+    "backbone_config",
+    "describe_equal_compute",
+    "equal_compute",
+    "load_study_data",
+    "run_study",
+    "train_and_evaluate",
+]

@@ -1,0 +1,138 @@
+"""`run_study`: every model, every seed, then the report and the pictures."""
+
+import dataclasses
+import os
+import sys
+import time
+
+import keras
+
+from keras_vmoe.study import config as study_config
+from keras_vmoe.study.data import load_study_data
+from keras_vmoe.study.plots import write_plots
+from keras_vmoe.study.progress import StudyProgress, format_duration
+from keras_vmoe.study.report import format_table, summarize, write_results
+from keras_vmoe.study.runner import train_and_evaluate
+
+
+def study_settings(config, model_names, seeds, data):
+    """The JSON-ready description of a study (saved in `results.json`)."""
+    plan = study_config.equal_compute(config)
+    return {
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "models": list(model_names),
+        "seeds": int(seeds),
+        "config": dataclasses.asdict(config),
+        "upstream": {
+            "dataset": "animal_mnist",
+            "classes": list(data.class_names),
+            "train_images": int(len(data.x_train)),
+            "test_images": int(len(data.x_test)),
+        },
+        "fewshot": {
+            "dataset": "digits (8x8, resized to the model input)",
+            "features": "pre_logits",
+            "pool_images": int(len(data.fewshot["x_train"])),
+            "test_images": int(len(data.fewshot["x_test"])),
+            "shots": list(config.shots),
+            "l2": config.fewshot_l2,
+        },
+        "equal_compute": {
+            **plan,
+            "statement": study_config.describe_equal_compute(config),
+        },
+    }
+
+
+def run_study(config, model_names, seeds, output_dir, stream=None):
+    """Trains and evaluates every model with every seed and writes the report.
+
+    Args:
+        config: `StudyConfig`.
+        model_names: sequence of str. `"dense"` and/or router names.
+        seeds: int. Seeds `0..seeds-1` per model.
+        output_dir: str. Existing, writable directory for the outputs.
+        stream: file. Progress and table output. Defaults to `sys.stdout`.
+
+    Returns:
+        dict with `settings`, `summary`, `runs`, `paths` (written files) and
+        `seconds` (wall time).
+
+    Example:
+
+    ```python
+    from keras_vmoe.study import QUICK, run_study
+    result = run_study(QUICK, ["dense", "soft"], seeds=1, output_dir="/tmp/s")
+    print(result["summary"]["soft"]["test_accuracy"])
+    ```
+    """
+    stream = stream or sys.stdout
+    start = time.perf_counter()
+    config.validate()
+    data = load_study_data(config)
+    settings = study_settings(config, model_names, seeds, data)
+
+    def say(text=""):
+        print(text, file=stream, flush=True)
+
+    say(
+        f"Router study on {keras.backend.backend()}: {len(model_names)} model(s) x "
+        f"{seeds} seed(s), {config.epochs} epoch(s) on {len(data.x_train)} "
+        f"Animal-MNIST images, {config.hidden_dim}-wide ViT with "
+        f"{config.num_layers} blocks, {config.tokens_per_image} tokens per image."
+    )
+    say(settings["equal_compute"]["statement"])
+    progress = StudyProgress(len(model_names) * seeds, config.epochs, stream)
+    runs, expert_maps = [], {}
+    for model_name in model_names:
+        for seed in range(seeds):
+            progress.start_run(model_name, seed)
+            run = train_and_evaluate(config, model_name, seed, data, progress)
+            progress.end_run()
+            runs.append(run)
+            if seed == 0 and model_name != study_config.DENSE:
+                expert_maps[model_name] = run["expert_maps"]
+            ips = run["images_per_second"]
+            say(
+                f"    -> {model_name} seed {seed}: test acc "
+                f"{run['test_accuracy']:.3f}, 10-shot "
+                f"{run['fewshot'].get(10, float('nan')):.3f}, "
+                f"{'-' if ips is None else f'{ips:.0f}'} images/s, "
+                f"{format_duration(run['seconds'])}"
+            )
+            keras.utils.clear_session()
+    summary = summarize(runs)
+    seconds = time.perf_counter() - start
+    settings["wall_seconds"] = round(seconds, 1)
+    paths = write_results(output_dir, settings, runs, summary)
+    n_maps = len(next(iter(expert_maps.values()))) if expert_maps else 0
+    paths.update(
+        write_plots(
+            output_dir,
+            summary,
+            expert_maps,
+            data.x_test[:n_maps],
+            config.num_experts,
+        )
+    )
+    say()
+    say(
+        f"Results (mean ± std over {seeds} seed(s); dropped and imbalance on "
+        "the test set, mean over MoE layers):"
+    )
+    say(format_table(summary))
+    say(settings["equal_compute"]["statement"])
+    say()
+    say(
+        "Wrote "
+        + ", ".join(os.path.basename(p) for p in paths.values())
+        + f" to {output_dir} in {format_duration(seconds)}."
+    )
+    return {
+        "settings": settings,
+        "summary": summary,
+        "runs": runs,
+        "paths": paths,
+        "seconds": seconds,
+    }

@@ -1,0 +1,222 @@
+"""The study's pictures (matplotlib, Agg backend: no display needed).
+
+- `accuracy.png`: test accuracy and 10-shot accuracy per model, bars with
+  the std over seeds as error bars.
+- `training_curves.png`: training loss per epoch per model (mean over seeds).
+- `routing.png`: for a few test images, which expert each patch goes to in
+  the last MoE layer, one row per router, as in the V-MoE paper's routing
+  figures; grey patches reach no expert.
+"""
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+UNROUTED_COLOR = (0.88, 0.88, 0.88, 1.0)
+
+
+def expert_colors(num_experts):
+    """Distinct colours for the experts, none of them grey (grey = unrouted).
+
+    Example:
+    >>> len(expert_colors(8)), len(expert_colors(16))
+    (8, 16)
+    """
+    if num_experts <= 9:
+        palette = [plt.cm.tab10(i) for i in range(10) if i != 7]  # no grey
+    else:
+        palette = [plt.cm.tab20(i) for i in range(20) if i not in (14, 15)]
+        extra = max(num_experts - len(palette), 0)
+        palette += [plt.cm.hsv(i / max(extra, 1)) for i in range(extra)]
+    return palette[:num_experts]
+
+
+def _short(name):
+    return name.replace("_expert_choice", " EC").replace("_token_choice", " TC")
+
+
+def plot_accuracy(summary, path, shot=10):
+    """Bar charts of test accuracy and `shot`-shot accuracy per model.
+
+    Args:
+        summary: dict from `report.summarize`.
+        path: str. PNG file to write.
+        shot: int. Which few-shot accuracy. Defaults to `10`.
+
+    Returns:
+        str, the path.
+
+    Example:
+
+    ```python
+    plot_accuracy(report.summarize(runs), "study_output/accuracy.png")
+    ```
+    """
+    models = list(summary)
+    panels = (("test_accuracy", "Animal-MNIST test accuracy"),)
+    panels += ((f"fewshot_{shot}shot", f"digits {shot}-shot linear accuracy"),)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.cm.tab10(np.arange(len(models)) % 10)
+    for ax, (metric, title) in zip(axes, panels):
+        means, errors = [], []
+        for model in models:
+            stat = summary[model].get(metric) or {"mean": None, "std": None}
+            means.append(np.nan if stat["mean"] is None else stat["mean"])
+            errors.append(0.0 if stat["std"] is None else stat["std"])
+        x = np.arange(len(models))
+        ax.bar(x, means, yerr=errors, color=colors, capsize=4)
+        for xi, m in zip(x, means):
+            if np.isfinite(m):
+                ax.text(xi, m + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, [_short(m) for m in models], rotation=30, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    seeds = max(entry["seeds"] for entry in summary.values())
+    fig.suptitle(f"Routers at equal compute (mean ± std over {seeds} seed(s))")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(summary, path):
+    """Training loss per epoch per model (mean over seeds).
+
+    Args:
+        summary: dict from `report.summarize` (its `loss_curve` entries).
+        path: str. PNG file to write.
+
+    Returns:
+        str, the path.
+
+    Example:
+
+    ```python
+    plot_training_curves(report.summarize(runs), "study_output/curves.png")
+    ```
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (model, entry) in enumerate(summary.items()):
+        curve = entry.get("loss_curve") or []
+        epochs = np.arange(1, len(curve) + 1)
+        style = "--" if model == "dense" else "-"
+        ax.plot(
+            epochs,
+            curve,
+            style,
+            marker="o",
+            color=plt.cm.tab10(i % 10),
+            label=_short(model),
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (incl. auxiliary)")
+    ax.set_title("Training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_routing(expert_maps, images, num_experts, path):
+    """Expert per patch in the last MoE layer, one row per router.
+
+    Args:
+        expert_maps: dict `{router: int array (N, grid, grid)}`, `-1` for
+            patches that reach no expert.
+        images: float array `(N, H, W, 1)` in [-1, 1]: the same test images.
+        num_experts: int. Number of experts (colours).
+        path: str. PNG file to write.
+
+    Returns:
+        str, the path.
+
+    Example:
+
+    ```python
+    maps = {"soft": patch_expert_maps(last_routing(model, x[:8]), 17, 4)}
+    plot_routing(maps, x[:8], num_experts=8, path="routing.png")
+    ```
+    """
+    routers = [name for name, m in expert_maps.items() if m is not None]
+    n = len(images)
+    rows = len(routers) + 1
+    fig, axes = plt.subplots(
+        rows, n, figsize=(1.3 * n + 2.2, 1.3 * rows + 0.6), squeeze=False
+    )
+    colors = [UNROUTED_COLOR] + expert_colors(num_experts)
+    cmap = ListedColormap(colors)
+    size = images.shape[1]
+    for j in range(n):
+        axes[0, j].imshow(images[j, ..., 0], cmap="gray", vmin=-1, vmax=1)
+    axes[0, 0].set_ylabel("image", rotation=0, ha="right", va="center", fontsize=9)
+    for i, router in enumerate(routers, start=1):
+        maps = expert_maps[router]
+        for j in range(n):
+            ax = axes[i, j]
+            ax.imshow(images[j, ..., 0], cmap="gray", vmin=-1, vmax=1)
+            ax.imshow(
+                maps[j] + 1,  # -1 (unrouted) -> colour 0 (grey)
+                cmap=cmap,
+                vmin=-0.5,
+                vmax=num_experts + 0.5,
+                alpha=0.65,
+                interpolation="nearest",
+                extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+            )
+        axes[i, 0].set_ylabel(
+            _short(router), rotation=0, ha="right", va="center", fontsize=9
+        )
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=colors[e + 1]) for e in range(num_experts)
+    ]
+    labels = [f"expert {e}" for e in range(num_experts)]
+    handles.append(plt.Rectangle((0, 0), 1, 1, color=UNROUTED_COLOR))
+    labels.append("no expert")
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(
+        "Expert per patch in the last MoE layer (Token/Expert Choice: largest "
+        "combine weight; Soft MoE: largest dispatch weight)",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 0.84, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(output_dir, summary, expert_maps, images, num_experts):
+    """Writes `accuracy.png`, `training_curves.png` and `routing.png`.
+
+    Args:
+        output_dir: str. An existing directory.
+        summary: dict from `report.summarize`.
+        expert_maps: dict `{router: (N, grid, grid) int array or None}`.
+        images: array `(N, H, W, 1)`. The images of the maps.
+        num_experts: int.
+
+    Returns:
+        dict `{kind: path}` (no `"routing"` without any router maps).
+    """
+    paths = {
+        "accuracy": plot_accuracy(summary, os.path.join(output_dir, "accuracy.png")),
+        "training_curves": plot_training_curves(
+            summary, os.path.join(output_dir, "training_curves.png")
+        ),
+    }
+    if any(m is not None for m in expert_maps.values()):
+        paths["routing"] = plot_routing(
+            expert_maps, images, num_experts, os.path.join(output_dir, "routing.png")
+        )
+    return paths

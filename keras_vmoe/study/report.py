@@ -1,0 +1,213 @@
+"""The study's report: mean and std over seeds, a table, JSON and CSV files.
+
+`results.json` holds the settings (with the equal-compute statement), the
+per-model summary and every run; `results.csv` has one row per run
+(model, seed) and `summary.csv` one row per model with means and stds.
+"""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+
+# Per-run scalar metrics, in table and CSV order (few-shot columns follow).
+METRICS = (
+    "test_accuracy",
+    "fewshot_10shot",
+    "images_per_second",
+    "gflops_per_image",
+    "fraction_tokens_dropped",
+    "load_imbalance",
+    "slots_per_group",
+    "params",
+    "train_seconds",
+)
+# (header, metric, format) of the printed table.
+TABLE_COLUMNS = (
+    ("test acc", "test_accuracy", "{:.3f}"),
+    ("10-shot acc", "fewshot_10shot", "{:.3f}"),
+    ("images/s", "images_per_second", "{:.0f}"),
+    ("GFLOPs/img", "gflops_per_image", "{:.5f}"),
+    ("dropped", "fraction_tokens_dropped", "{:.3f}"),
+    ("imbalance", "load_imbalance", "{:.2f}"),
+)
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof=1) of the non-missing values.
+
+    Args:
+        values: sequence of float or None.
+
+    Returns:
+        `(mean, std)`: `std` is None with fewer than two values; both are
+        None with none.
+
+    Example:
+    >>> mean_std([0.5, 0.7, 0.9])  # std = sqrt((0.04 + 0 + 0.04) / 2) = 0.2
+    (0.7, 0.2)
+    >>> mean_std([0.5]), mean_std([None])
+    ((0.5, None), (None, None))
+    """
+    kept = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not kept:
+        return None, None
+    mean = float(np.mean(kept))
+    if len(kept) < 2:
+        return round(mean, 12), None
+    return round(mean, 12), round(float(np.std(kept, ddof=1)), 12)
+
+
+def flat_run(run):
+    """The scalar metrics of one run, with `fewshot_{shot}shot` keys."""
+    row = {"model": run["model"], "seed": run["seed"]}
+    for shot, accuracy in sorted(run["fewshot"].items()):
+        row[f"fewshot_{shot}shot"] = accuracy
+    for name in METRICS:
+        row.setdefault(name, run.get(name))
+    return row
+
+
+def summarize(runs):
+    """Mean and std over seeds of every metric, per model, in run order.
+
+    Args:
+        runs: list of run dicts (`train_and_evaluate` results).
+
+    Returns:
+        dict `{model: {"seeds": n, metric: {"mean": m, "std": s}, ...,
+        "loss_curve": mean loss per epoch}}`.
+
+    Example:
+    >>> runs = [{"model": "soft", "seed": s, "fewshot": {10: a},
+    ...          "test_accuracy": a, "history": {"loss": [2.0, l]}}
+    ...         for s, a, l in [(0, 0.6, 1.0), (1, 0.8, 0.5)]]
+    >>> summary = summarize(runs)["soft"]
+    >>> summary["test_accuracy"]["mean"], round(summary["test_accuracy"]["std"], 4)
+    (0.7, 0.1414)
+    >>> summary["loss_curve"]
+    [2.0, 0.75]
+    """
+    by_model = {}
+    for run in runs:
+        by_model.setdefault(run["model"], []).append(run)
+    summary = {}
+    for model, model_runs in by_model.items():
+        rows = [flat_run(r) for r in model_runs]
+        entry = {"seeds": len(rows)}
+        for key in rows[0]:
+            if key in ("model", "seed"):
+                continue
+            mean, std = mean_std([row.get(key) for row in rows])
+            entry[key] = {"mean": mean, "std": std}
+        curves = [r["history"]["loss"] for r in model_runs if "history" in r]
+        if curves:
+            length = min(len(c) for c in curves)
+            entry["loss_curve"] = [
+                round(float(np.mean([c[i] for c in curves])), 12) for i in range(length)
+            ]
+        summary[model] = entry
+    return summary
+
+
+def _cell(stat, fmt):
+    if stat is None or stat["mean"] is None:
+        return "-"
+    text = fmt.format(stat["mean"])
+    if stat["std"] is not None:
+        text += " ± " + fmt.format(stat["std"])
+    return text
+
+
+def format_table(summary):
+    """The summary as an aligned text table (mean ± std over seeds).
+
+    Example:
+    >>> print(format_table({"dense": {"seeds": 1,
+    ...     "test_accuracy": {"mean": 0.8, "std": None}}}))  # doctest: +NORMALIZE_WHITESPACE
+    model  seeds  test acc  10-shot acc  images/s  GFLOPs/img  dropped  imbalance
+    dense      1     0.800            -         -           -        -          -
+    """
+    header = ["model", "seeds"] + [title for title, _, _ in TABLE_COLUMNS]
+    rows = [
+        [model, str(entry["seeds"])]
+        + [_cell(entry.get(metric), fmt) for _, metric, fmt in TABLE_COLUMNS]
+        for model, entry in summary.items()
+    ]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first] + rest)
+
+    return "\n".join([line(header)] + [line(r) for r in rows])
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_results(output_dir, settings, runs, summary):
+    """Writes `results.json`, `results.csv` and `summary.csv`.
+
+    Args:
+        output_dir: str. An existing directory.
+        settings: dict. Study settings (JSON-serialisable).
+        runs: list of run dicts (arrays such as `expert_maps` are left out).
+        summary: dict from `summarize`.
+
+    Returns:
+        dict of file kind -> path.
+
+    Example:
+
+    ```python
+    write_results("study_output", settings, runs, summarize(runs))
+    ```
+    """
+    paths = {
+        "json": os.path.join(output_dir, "results.json"),
+        "csv": os.path.join(output_dir, "results.csv"),
+        "summary_csv": os.path.join(output_dir, "summary.csv"),
+    }
+    clean_runs = [{k: v for k, v in run.items() if k != "expert_maps"} for run in runs]
+    with open(paths["json"], "w") as f:
+        json.dump(
+            _json_ready({"settings": settings, "summary": summary, "runs": clean_runs}),
+            f,
+            indent=2,
+        )
+        f.write("\n")
+    rows = [flat_run(run) for run in runs]
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(
+            {k: ("" if v is None else v) for k, v in row.items()} for row in rows
+        )
+    metric_names = [k for k in fields if k not in ("model", "seed")]
+    with open(paths["summary_csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["model", "seeds"]
+            + [f"{m}_{s}" for m in metric_names for s in ("mean", "std")]
+        )
+        for model, entry in summary.items():
+            cells = [model, entry["seeds"]]
+            for m in metric_names:
+                stat = entry.get(m) or {"mean": None, "std": None}
+                cells += ["" if stat[s] is None else stat[s] for s in ("mean", "std")]
+            writer.writerow(cells)
+    return paths

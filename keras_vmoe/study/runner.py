@@ -1,0 +1,214 @@
+"""Train and evaluate one model of the study (one router, one seed).
+
+images -> VisionMoEImageClassifier -> fit() on Animal-MNIST
+       -> test accuracy and routing statistics (one compiled predict)
+       -> pre-logits features of digits -> few-shot linear accuracy
+       -> expert-per-patch maps of a few test images (eager forward)
+"""
+
+import time
+
+import keras
+import numpy as np
+
+from keras_vmoe.callbacks.routing import moe_layers
+from keras_vmoe.evaluation import fewshot_linear_accuracy
+from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
+from keras_vmoe.models.cost import backbone_flops, head_flops
+from keras_vmoe.study import config as study_config
+from keras_vmoe.study.data import pad_to_multiple
+from keras_vmoe.study.progress import ProgressCallback, ThroughputTimer
+from keras_vmoe.study.routing_maps import last_routing, patch_expert_maps
+from keras_vmoe.training.optimizer import DecoupledWeightDecayAdam
+from keras_vmoe.training.schedules import WarmupLinearDecay
+
+PRE_LOGITS = "pre_logits"
+
+
+class RoutingStatisticsAverager(keras.callbacks.Callback):
+    """Averages each MoE layer's routing statistics over `predict()` batches.
+
+    The MoE layers keep the statistics of their latest call in variables;
+    this reads them after every prediction batch (on JAX, reading
+    `self.model` syncs the state first), so the result covers the whole
+    predicted set (batches of equal size weigh equally).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sums, self.batches = {}, 0
+
+    def on_predict_batch_end(self, batch, logs=None):
+        for layer in moe_layers(self.model):
+            stats = layer.routing_statistics()
+            sums = self.sums.setdefault(layer.path, dict.fromkeys(stats, 0.0))
+            for name, value in stats.items():
+                sums[name] += value
+        self.batches += 1
+
+    def averages(self):
+        """`{layer path: {statistic: mean}}`."""
+        return {
+            layer: {name: total / self.batches for name, total in sums.items()}
+            for layer, sums in self.sums.items()
+        }
+
+
+def build_model(config, model_name, num_classes):
+    """The study's classifier for one model name, compiled for training."""
+    backbone = VisionMoEBackbone(**study_config.backbone_config(config, model_name))
+    return VisionMoEImageClassifier(
+        backbone,
+        num_classes=num_classes,
+        representation_size=config.representation_size,
+        loss_type="softmax",
+    )
+
+
+def _compile(model, config, total_steps):
+    schedule = WarmupLinearDecay(
+        config.learning_rate,
+        total_steps=total_steps,
+        warmup_steps=study_config.warmup_steps(config, total_steps),
+    )
+    optimizer = DecoupledWeightDecayAdam(
+        schedule, weight_decay_rules=[(r"kernel$", config.weight_decay)]
+    )
+    # Softmax cross-entropy and top-1 accuracy (the classifier's defaults).
+    model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+
+
+def _train_dataset(x, y, batch_size, seed):
+    """Reshuffled every epoch, whole batches only.
+
+    keras-hub tasks turn NumPy inputs of `fit()` into an unshuffled
+    `tf.data` pipeline (they ignore `shuffle=True`), so the study shuffles
+    here. Dropping the last partial batch (a different one every epoch)
+    avoids compiling a second training step for a smaller batch.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(2)
+
+
+def _predict(model, x, batch_size, callbacks=()):
+    """Outputs on `x`, in batches of whole routing groups (padded, trimmed)."""
+    outputs = model.predict(
+        pad_to_multiple(x, batch_size),
+        batch_size=batch_size,
+        verbose=0,
+        callbacks=list(callbacks),
+    )
+    return [np.asarray(o)[: len(x)] for o in outputs]
+
+
+def _mean_over_layers(stats, name):
+    if not stats:
+        return None
+    return float(np.mean([layer[name] for layer in stats.values()]))
+
+
+def train_and_evaluate(config, model_name, seed, data, progress=None):
+    """Trains one model of the study and evaluates it.
+
+    Args:
+        config: `StudyConfig`.
+        model_name: str. `"dense"` or a router name.
+        seed: int. Seeds the weights, the data order, the router noise and
+            the few-shot sampling.
+        data: `StudyData`.
+        progress: `StudyProgress` or None. Receives the epoch ends.
+
+    Returns:
+        dict: `model`, `seed`, `test_accuracy`, `fewshot` (`{shot: acc}`),
+        `images_per_second`, `gflops_per_image`, `params`,
+        `fraction_tokens_dropped` and `load_imbalance` (mean over MoE layers
+        on the test set; `None` for the dense model), `slots_per_group`
+        (`E * C` of the last MoE layer's routing at evaluation; `None` for
+        the dense model), `routing_statistics` (per layer), `history` (`loss`, `accuracy` per epoch),
+        `train_seconds`, `seconds`, and `expert_maps` (int array
+        `(N, grid, grid)` or `None`; not JSON).
+
+    Example:
+
+    ```python
+    result = train_and_evaluate(QUICK, "soft", seed=0, data=load_study_data(QUICK))
+    print(result["test_accuracy"], result["fewshot"][10])
+    ```
+    """
+    start = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    model = build_model(config, model_name, data.num_classes)
+    steps_per_epoch = len(data.x_train) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch size {config.batch_size} exceeds the {len(data.x_train)} "
+            "training images."
+        )
+    used = steps_per_epoch * config.batch_size
+    _compile(model, config, total_steps=steps_per_epoch * config.epochs)
+    timer = ThroughputTimer(used, steps_per_epoch)
+    callbacks = [timer] + ([ProgressCallback(progress)] if progress else [])
+    history = model.fit(
+        _train_dataset(data.x_train, data.y_train, config.batch_size, seed),
+        epochs=config.epochs,
+        shuffle=False,  # the dataset reshuffles itself
+        verbose=0,
+        callbacks=callbacks,
+    )
+    train_seconds = time.perf_counter() - start
+
+    # One predict model (logits and features) serves every evaluation.
+    evaluator = keras.Model(
+        model.input, [model.output, model.get_layer(PRE_LOGITS).output]
+    )
+    averager = RoutingStatisticsAverager()
+    logits, _ = _predict(evaluator, data.x_test, config.eval_batch_size, [averager])
+    test_accuracy = float(np.mean(logits.argmax(axis=-1) == data.y_test))
+    stats = averager.averages() if moe_layers(model) else {}
+    fs = data.fewshot
+    _, f_train = _predict(evaluator, fs["x_train"], config.eval_batch_size)
+    _, f_test = _predict(evaluator, fs["x_test"], config.eval_batch_size)
+    fewshot = fewshot_linear_accuracy(
+        f_train,
+        fs["y_train"],
+        f_test,
+        fs["y_test"],
+        shots=config.shots,
+        l2_regs=(config.fewshot_l2,),
+        seed=seed,
+    )
+    n_maps = -(-config.routing_images // config.group_size) * config.group_size
+    routing = last_routing(model, data.x_test[:n_maps])
+    maps = slots = None
+    if routing is not None:
+        grid = config.image_size // config.patch_size
+        maps = patch_expert_maps(routing, config.tokens_per_image, grid)
+        slots = routing.num_experts * routing.capacity  # E * C actually run
+    bb_config = study_config.backbone_config(config, model_name)
+    flops = backbone_flops(bb_config) + head_flops(
+        config.hidden_dim, data.num_classes, config.representation_size
+    )
+    return {
+        "model": model_name,
+        "seed": int(seed),
+        "test_accuracy": test_accuracy,
+        "fewshot": {int(s): float(next(iter(a.values()))) for s, a in fewshot.items()},
+        "images_per_second": timer.images_per_second(),
+        "gflops_per_image": flops / 1e9,
+        "params": int(model.count_params()),
+        "fraction_tokens_dropped": _mean_over_layers(stats, "fraction_tokens_dropped"),
+        "load_imbalance": _mean_over_layers(stats, "load_imbalance"),
+        "slots_per_group": slots,
+        "routing_statistics": stats,
+        "history": {
+            key: [float(v) for v in history.history[key]]
+            for key in ("loss", "accuracy")
+        },
+        "train_images_per_epoch": int(used),
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - start,
+        "expert_maps": maps,
+    }

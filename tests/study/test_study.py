@@ -1,0 +1,317 @@
+"""`keras-vmoe study`: equal-compute arithmetic, report, routing maps, CLI."""
+
+import csv
+import doctest
+import importlib
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from keras_vmoe import cli
+from keras_vmoe.routers import ROUTER_NAMES, Routing
+from keras_vmoe.study import (
+    DEFAULT,
+    MODEL_NAMES,
+    QUICK,
+    StudyConfig,
+    report,
+    routing_maps,
+)
+from keras_vmoe.study import config as study_config
+
+BACKEND = keras.backend.backend()
+
+
+# --------------------------------------------------------------------------
+# Equal compute, worked out by hand.
+# --------------------------------------------------------------------------
+def test_default_equal_compute_by_hand():
+    # 28x28 images, patch 7 -> 4*4 = 16 patches + class token = 17 tokens;
+    # 4 images per group -> S = 68. K = 2, c = 1, E = 8:
+    # Token Choice C = ceil(68 * 2 * 1 / 8) = ceil(17) = 17;
+    # Expert Choice at factor K*c = 2: ceil(68 * 2 / 8) = 17;
+    # Soft MoE: round(2 * 1 * 68 / 8) = 17 slots per expert.
+    # E * C = 136 slots per group = 2 per token.
+    plan = study_config.equal_compute(DEFAULT)
+    assert plan["tokens_per_group"] == 68
+    assert plan["slots_per_expert"] == 17
+    assert plan["slots_per_group"] == 136
+    assert plan["slots_per_token"] == 2.0
+    assert plan["expert_hidden_dim"] == 64  # 128 / K
+    configs = plan["router_configs"]
+    assert set(configs) == set(ROUTER_NAMES)
+    for name in study_config.TOKEN_CHOICE:
+        assert configs[name] == {
+            "num_selected_experts": 2,
+            "capacity_factor": 1.0,
+            "capacity_multiple_of": 1,
+        }
+    for name in study_config.EXPERT_CHOICE:
+        assert configs[name] == {"capacity_factor": 2.0, "capacity_multiple_of": 1}
+    assert configs["soft"] == {"num_slots": 17}
+
+
+@pytest.mark.parametrize(
+    "config, slots_per_expert",
+    [
+        # c = 1.05: ceil(68 * 2 * 1.05 / 8) = ceil(17.85) = 18 (EC: 2.1).
+        (DEFAULT.replace(capacity_factor=1.05), 18),
+        # 3 images: S = 51, ceil(51 * 2 / 8) = ceil(12.75) = 13.
+        (DEFAULT.replace(group_size=3, batch_size=126, eval_batch_size=150), 13),
+        # Quick: S = 2 * 17 = 34, E = 4: ceil(34 * 2 / 4) = 17.
+        (QUICK, 17),
+    ],
+)
+def test_every_router_runs_the_same_slots(config, slots_per_expert):
+    config.validate()
+    plan = study_config.equal_compute(config)
+    assert plan["slots_per_expert"] == slots_per_expert
+    from keras_vmoe.routers.registry import get_class
+
+    s = config.tokens_per_group
+    for name in ROUTER_NAMES:
+        router = get_class(name)(
+            num_experts=config.num_experts, **plan["router_configs"][name]
+        )
+        if name == "soft":
+            capacity = router.slots_for(s)
+        else:
+            k = config.num_selected_experts if name in study_config.TOKEN_CHOICE else 1
+            capacity = router.group_capacity(s, True, k)
+            assert router.group_capacity(s, False, k) == capacity  # eval: same
+        assert capacity == slots_per_expert, name
+
+
+def test_analytic_flops_are_matched():
+    from keras_vmoe.models.cost import backbone_flops
+
+    dense = backbone_flops(study_config.backbone_config(DEFAULT, "dense"))
+    for name in ROUTER_NAMES:
+        flops = backbone_flops(study_config.backbone_config(DEFAULT, name))
+        extra = flops - dense
+        # Sparse routers add only the gating matmul: 2 MoE layers x 17 tokens
+        # x d=64 x E=8 MACs x 2 = 34,816 FLOPs per image.
+        if name != "soft":
+            assert extra == 2 * 2 * 17 * 64 * 8, name
+        else:  # Soft MoE: logits, dispatch, combine over 136 slots per group.
+            assert extra == 2 * 2 * 3 * 17 * 64 * 136, name
+
+
+def test_bad_study_settings_are_rejected():
+    with pytest.raises(ValueError, match="multiple of the routing group"):
+        DEFAULT.replace(batch_size=130).validate()
+    with pytest.raises(ValueError, match="patch_size"):
+        DEFAULT.replace(patch_size=5).validate()
+    with pytest.raises(ValueError, match="epochs"):
+        StudyConfig(epochs=0).validate()
+
+
+# --------------------------------------------------------------------------
+# Report arithmetic, with hand numbers.
+# --------------------------------------------------------------------------
+def test_mean_std_by_hand():
+    # mean 0.7; sample std = sqrt(((-.2)^2 + 0 + .2^2) / (3 - 1)) = 0.2.
+    assert report.mean_std([0.5, 0.7, 0.9]) == (0.7, 0.2)
+    # 1 and 4: mean 2.5, std = sqrt((2.25 + 2.25) / 1) = 2.1213...
+    mean, std = report.mean_std([1.0, None, 4.0])
+    assert mean == 2.5 and math.isclose(std, math.sqrt(4.5))
+    assert report.mean_std([0.3]) == (0.3, None)
+    assert report.mean_std([]) == (None, None)
+
+
+def _fake_run(model, seed, acc, shot10, loss, dropped=None):
+    return {
+        "model": model,
+        "seed": seed,
+        "test_accuracy": acc,
+        "fewshot": {1: 0.1, 10: shot10},
+        "images_per_second": 100.0 * (seed + 1),
+        "gflops_per_image": 0.005,
+        "fraction_tokens_dropped": dropped,
+        "load_imbalance": None if dropped is None else 1.5,
+        "history": {"loss": loss, "accuracy": [0.1] * len(loss)},
+    }
+
+
+def test_summary_table_and_files(tmp_path):
+    runs = [
+        _fake_run("dense", 0, 0.60, 0.40, [2.0, 1.0]),
+        _fake_run("dense", 1, 0.80, 0.50, [2.2, 0.6]),
+        _fake_run("soft", 0, 0.70, 0.45, [2.1, 0.9], dropped=0.0),
+    ]
+    summary = report.summarize(runs)
+    dense = summary["dense"]
+    assert dense["seeds"] == 2
+    assert dense["test_accuracy"]["mean"] == 0.7
+    # sample std of (0.6, 0.8) = |0.8 - 0.6| / sqrt(2) = 0.14142...
+    assert math.isclose(dense["test_accuracy"]["std"], 0.2 / math.sqrt(2))
+    # 100 and 200 images/s: std = 100 / sqrt(2) = 70.71...
+    assert dense["images_per_second"]["mean"] == 150.0
+    assert math.isclose(dense["images_per_second"]["std"], 100 / math.sqrt(2))
+    assert dense["fraction_tokens_dropped"] == {"mean": None, "std": None}
+    assert dense["loss_curve"] == [2.1, 0.8]
+    assert summary["soft"]["test_accuracy"] == {"mean": 0.7, "std": None}
+
+    table = report.format_table(summary).splitlines()
+    assert table[0].split()[:4] == ["model", "seeds", "test", "acc"]
+    assert table[1].split()[:5] == ["dense", "2", "0.700", "±", "0.141"]
+    assert table[2].split()[:3] == ["soft", "1", "0.700"]
+    assert table[1].split()[-2:] == ["-", "-"]  # dense: no dropped/imbalance
+
+    paths = report.write_results(str(tmp_path), {"note": "x"}, runs, summary)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["settings"] == {"note": "x"} and len(data["runs"]) == 3
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["seed"]) for r in rows] == [
+        ("dense", "0"),
+        ("dense", "1"),
+        ("soft", "0"),
+    ]
+    assert rows[1]["fewshot_10shot"] == "0.5" and rows[0]["load_imbalance"] == ""
+    with open(paths["summary_csv"]) as f:
+        summary_rows = list(csv.DictReader(f))
+    assert summary_rows[0]["test_accuracy_mean"] == "0.7"
+    assert summary_rows[1]["test_accuracy_std"] == ""
+
+
+# --------------------------------------------------------------------------
+# Routing maps.
+# --------------------------------------------------------------------------
+def test_expert_per_token_sparse_and_soft():
+    # 1 group of 4 tokens, 2 experts with 2 slots. Expert 0 holds tokens 0
+    # and 1 (weights .2, .9), expert 1 holds token 0 (weight .8); token 2 is
+    # in no slot (dropped), token 3's slot is masked off.
+    slot_token = np.array([[[0, 1], [0, 3]]])
+    mask = np.array([[[1, 1], [1, 0]]], "float32")
+    weight = np.array([[[0.2, 0.9], [0.8, 0.0]]], "float32")
+    routing = Routing.sparse(slot_token, mask, weight, num_tokens=4)
+    assert routing_maps.expert_per_token(routing).tolist() == [[1, 0, -1, -1]]
+    # Soft: 1 group, 2 tokens, 2 experts x 1 slot; the largest dispatch
+    # weight of token 0 is in expert 1's slot, of token 1 in expert 0's.
+    dispatch = np.array([[[[0.3], [0.6]], [[0.7], [0.4]]]], "float32")
+    soft = Routing.soft(dispatch, dispatch)
+    assert routing_maps.expert_per_token(soft).tolist() == [[1, 0]]
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["config", "data", "report", "routing_maps", "progress", "plots", "command"],
+)
+def test_docstring_examples(module):
+    mod = importlib.import_module(f"keras_vmoe.study.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+
+
+# --------------------------------------------------------------------------
+# The command.
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--routers", "softmax,soft"], "unknown router 'softmax'"),
+        (["--seeds", "0"], "--seeds must be >= 1, got 0."),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0."),
+        (["--batch-size", "30"], "multiple of the routing group"),
+    ],
+)
+def test_bad_arguments_exit_2(args, message, tmp_path, capsys):
+    assert cli.main(["study", "--output", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("keras-vmoe study: error: ") and "\n" not in err
+    assert message in err
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_unwritable_output_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert cli.main(["study", "--quick", "--output", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("keras-vmoe study: error: cannot write to --output")
+    assert "\n" not in err
+
+
+def _check_png(path):
+    import matplotlib.image
+
+    assert path.stat().st_size > 5_000, path
+    image = matplotlib.image.imread(str(path))
+    assert image.ndim == 3 and min(image.shape[:2]) > 200, image.shape
+    assert image[..., :3].std() > 0.01  # not a blank canvas
+
+
+# JAX runs the whole quick study (7 models, about 80 s of compilation on a
+# cold cache, 30 s warm). TensorFlow leaves out Sinkhorn Token Choice, which
+# does not trace in a TF graph yet (`routers/allocation.py` `_check_scores`
+# compares shapes with an unknown batch dimension as Python bools); torch,
+# slow per step in eager mode, runs four models.
+if BACKEND == "jax":
+    QUICK_MODELS = MODEL_NAMES
+elif BACKEND == "tensorflow":
+    QUICK_MODELS = tuple(m for m in MODEL_NAMES if m != "sinkhorn_token_choice")
+else:
+    QUICK_MODELS = ("dense", "softmax_token_choice", "softmax_expert_choice", "soft")
+
+
+def test_quick_study_end_to_end(tmp_path, capsys):
+    out = tmp_path / "study"
+    routers = ",".join(m for m in QUICK_MODELS)
+    assert (
+        cli.main(["study", "--quick", "--routers", routers, "--output", str(out)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "epoch 1/1" in printed and "left)" in printed  # progress with ETA
+    assert "Equal compute: every router fills E x C = 4 x 17 = 68" in printed
+    for model in QUICK_MODELS:
+        assert f"\n{model} " in printed  # a table row
+
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["summary"]) == list(QUICK_MODELS)
+    assert results["settings"]["backend"] == BACKEND
+    plan = results["settings"]["equal_compute"]
+    # Quick: S = 2 images x 17 tokens = 34; E = 4, K = 2, c = 1:
+    # C = ceil(34 * 2 / 4) = 17 per expert, 68 slots per group.
+    assert plan["slots_per_expert"] == 17 and plan["slots_per_group"] == 68
+    assert "dense ViT matches K = 2" in plan["statement"]
+    for run in results["runs"]:
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        assert set(run["fewshot"]) == {"1", "5", "10", "25"}
+        assert all(0.0 <= a <= 1.0 for a in run["fewshot"].values())
+        assert len(run["history"]["loss"]) == 1
+        assert run["images_per_second"] > 0 and run["gflops_per_image"] > 0
+        if run["model"] == "dense":
+            assert run["slots_per_group"] is None
+            assert run["fraction_tokens_dropped"] is None
+        else:
+            # The slots the last MoE layer actually ran at evaluation.
+            assert run["slots_per_group"] == 68, run["model"]
+            assert 0.0 <= run["fraction_tokens_dropped"] <= 1.0
+            assert run["load_imbalance"] >= 1.0 - 1e-6
+        if run["model"] == "soft":
+            assert run["fraction_tokens_dropped"] == 0.0
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == list(QUICK_MODELS)
+    assert all(r["seed"] == "0" for r in rows)
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+    for name in ("accuracy.png", "training_curves.png", "routing.png"):
+        _check_png(out / name)
+
+
+def test_dense_model_learns_an_easy_subset(tmp_path):
+    from keras_vmoe.study import run_study
+
+    # Birds vs giraffes (Animal-MNIST classes 1 and 6), 512 training images,
+    # 3 epochs of the quick model: chance is 0.5.
+    config = QUICK.replace(classes=(1, 6), train_size=512, epochs=3)
+    result = run_study(config, ["dense"], seeds=1, output_dir=str(tmp_path))
+    run = result["runs"][0]
+    assert result["settings"]["upstream"]["classes"] == ["bird", "giraffe"]
+    assert run["test_accuracy"] > 0.75, run["test_accuracy"]
+    assert run["history"]["loss"][-1] < run["history"]["loss"][0]
