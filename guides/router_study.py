@@ -64,9 +64,9 @@ for name, router_config in plan["router_configs"].items():
 """
 ## Running the study
 
-From a shell, the study is one command; `--quick` runs a smoke test in about
-a minute on a CPU, and the defaults train for a few minutes per model on an
-accelerator:
+From a shell, the study is one command. `--quick` is a smoke test that takes a
+minute or two on a CPU; the default study trains every model for 6 epochs on
+the 8,000 training images, best run on an accelerator:
 
 ```shell
 keras-vmoe study --output study_output            # all seven models, 1 seed
