@@ -15,6 +15,9 @@ import sys
 _COMMANDS = {
     "demo": "keras_vmoe.demo",
     "study": "keras_vmoe.study.command",
+    "train": "keras_vmoe.training.command",
+    "eval": "keras_vmoe.evaluation.command",
+    "presets": "keras_vmoe.models.command",
 }
 
 

@@ -6,6 +6,15 @@ from keras_vmoe.training.optimizer import (
     VMOE_WEIGHT_DECAY,
     DecoupledWeightDecayAdam,
 )
+from keras_vmoe.training.recipe import (
+    RECIPES,
+    BackupAndRestoreWithRNG,
+    SoftmaxCrossEntropy,
+    compile_with_recipe,
+    make_schedule,
+    seed_state_variables,
+    use_seeded_dropout,
+)
 from keras_vmoe.training.schedules import (
     WarmupLinearDecay,
     WarmupRsqrtCooldown,
@@ -13,6 +22,13 @@ from keras_vmoe.training.schedules import (
 )
 
 __all__ = [
+    "BackupAndRestoreWithRNG",
+    "RECIPES",
+    "SoftmaxCrossEntropy",
+    "compile_with_recipe",
+    "make_schedule",
+    "seed_state_variables",
+    "use_seeded_dropout",
     "DecoupledWeightDecayAdam",
     "SOFT_MOE_WEIGHT_DECAY",
     "SigmoidCrossEntropy",

@@ -1,0 +1,457 @@
+"""The pre-training recipes in one call, and a backup that resumes exactly.
+
+- `compile_with_recipe(model, "vmoe" | "soft_moe", total_steps=...)`:
+  the optimiser, learning-rate schedule, loss and metric of the V-MoE
+  (Riquelme et al. 2021) or Soft MoE (Puigcerver et al. 2024) recipe
+  (`ROUTERS.md` section 4): Adam(0.9, 0.999) with decoupled weight decay
+  chosen per variable, global norm clipping 1.0, linear warmup then linear
+  decay to 1e-5 (V-MoE) or inverse square root with a linear cooldown
+  (Soft MoE), sigmoid cross-entropy (or softmax), top-1 accuracy.
+- `BackupAndRestoreWithRNG`: `keras.callbacks.BackupAndRestore` plus the
+  random-number state. Keras' callback saves the weights and the optimizer
+  (`model.save_weights`) but not the `keras.random.SeedGenerator` states
+  of the layers (router noise, dropout): `Layer.save_own_variables` writes
+  only trainable and non-trainable *weights*, and seed states are neither.
+  A resumed run would then draw the noise of epoch 0 again. This callback
+  saves those states next to Keras' backup and restores them with it, so
+  an interrupted and resumed `fit()` ends with the same weights as an
+  uninterrupted one (given the same data order).
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_vmoe.training.losses import SigmoidCrossEntropy
+from keras_vmoe.training.optimizer import (
+    SOFT_MOE_WEIGHT_DECAY,
+    VMOE_WEIGHT_DECAY,
+    DecoupledWeightDecayAdam,
+)
+from keras_vmoe.training.schedules import (
+    WarmupLinearDecay,
+    WarmupRsqrtCooldown,
+    warmup_cosine,
+)
+
+# recipe -> (weight-decay rules, default schedule).
+RECIPES = {
+    "vmoe": (VMOE_WEIGHT_DECAY, "linear"),
+    "soft_moe": (SOFT_MOE_WEIGHT_DECAY, "rsqrt"),
+}
+SCHEDULES = ("linear", "rsqrt", "cosine", "constant")
+LOSSES = ("sigmoid", "softmax")
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class SoftmaxCrossEntropy(keras.losses.Loss):
+    """Softmax cross-entropy for integer or one-hot labels, with smoothing.
+
+    Keras' `SparseCategoricalCrossentropy` has no label smoothing and
+    `CategoricalCrossentropy` needs one-hot labels; this takes both.
+
+    Args:
+        from_logits: bool. Whether predictions are logits. Defaults to `True`.
+        label_smoothing: float in [0, 1). Targets become
+            `y * (1 - label_smoothing) + label_smoothing / num_classes`.
+            Defaults to `0`.
+        **kwargs: `keras.losses.Loss` arguments (`name`, `reduction`).
+
+    Example:
+    >>> import numpy as np
+    >>> loss = SoftmaxCrossEntropy()
+    >>> round(float(loss(np.array([1]), np.zeros((1, 4), "float32"))), 4)  # log 4
+    1.3863
+    """
+
+    def __init__(
+        self, from_logits=True, label_smoothing=0.0, name="softmax_cross_entropy", **kw
+    ):
+        super().__init__(name=name, **kw)
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(
+                f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}."
+            )
+        self.from_logits = bool(from_logits)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.cast(y_pred, "float32")
+        num_classes = ops.shape(y_pred)[-1]
+        y_true = ops.convert_to_tensor(y_true)
+        if len(y_true.shape) < len(y_pred.shape) or y_true.shape[-1] != num_classes:
+            y_true = ops.one_hot(
+                ops.cast(ops.reshape(y_true, (-1,)), "int32"), num_classes
+            )
+        return keras.losses.categorical_crossentropy(
+            ops.cast(y_true, "float32"),
+            y_pred,
+            from_logits=self.from_logits,
+            label_smoothing=self.label_smoothing,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"from_logits": self.from_logits, "label_smoothing": self.label_smoothing}
+        )
+        return config
+
+
+def _weight_decay_rules(recipe_rules, weight_decay):
+    if weight_decay is None:
+        return recipe_rules
+    if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
+        if weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+        return ((r"kernel$", float(weight_decay)),)
+    return tuple(tuple(rule) for rule in weight_decay)
+
+
+def make_schedule(
+    schedule,
+    peak_learning_rate,
+    total_steps,
+    warmup_steps=None,
+    end_learning_rate=1e-5,
+    timescale=10_000,
+    cooldown_steps=None,
+):
+    """The learning-rate schedule of a recipe, with defaults that fit short runs.
+
+    Args:
+        schedule: str. `"linear"` (V-MoE `WarmupLinearDecay`), `"rsqrt"`
+            (Soft MoE `WarmupRsqrtCooldown`), `"cosine"` (`warmup_cosine`)
+            or `"constant"` (linear warmup, then flat).
+        peak_learning_rate: float. Rate at the end of the warmup.
+        total_steps: int. Optimizer steps of the whole run.
+        warmup_steps: int or None. Defaults to `None`: the papers' 10,000,
+            capped at a tenth of `total_steps`.
+        end_learning_rate: float. Final rate of `"linear"` (and
+            `end_learning_rate / peak` the final fraction of `"cosine"`).
+            Defaults to `1e-5`.
+        timescale: int. Time scale of `"rsqrt"`. Defaults to `10_000`.
+        cooldown_steps: int or None. Linear cooldown of `"rsqrt"`. Defaults
+            to `None`: 50,000 capped at a tenth of `total_steps`.
+
+    Returns:
+        A `keras.optimizers.schedules.LearningRateSchedule`.
+
+    Example:
+    >>> s = make_schedule("linear", 1e-3, total_steps=100)  # warmup 10
+    >>> round(float(s(5)), 6), round(float(s(100)), 6)
+    (0.0005, 1e-05)
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
+    if not peak_learning_rate > 0:
+        raise ValueError(
+            f"`peak_learning_rate` must be > 0, got {peak_learning_rate!r}."
+        )
+    if isinstance(total_steps, bool) or int(total_steps) != total_steps:
+        raise ValueError(f"`total_steps` must be an int >= 1, got {total_steps!r}.")
+    total_steps = int(total_steps)
+    if total_steps < 1:
+        raise ValueError(f"`total_steps` must be an int >= 1, got {total_steps!r}.")
+    if warmup_steps is None:
+        warmup_steps = min(10_000, total_steps // 10)
+    if schedule == "linear":
+        return WarmupLinearDecay(
+            peak_learning_rate, total_steps, warmup_steps, end_learning_rate
+        )
+    if schedule == "rsqrt":
+        if cooldown_steps is None:
+            cooldown_steps = min(50_000, total_steps // 10)
+        return WarmupRsqrtCooldown(
+            peak_learning_rate, total_steps, warmup_steps, timescale, cooldown_steps
+        )
+    if schedule == "cosine":
+        return warmup_cosine(
+            peak_learning_rate,
+            total_steps,
+            warmup_steps,
+            end_fraction=end_learning_rate / peak_learning_rate,
+        )
+    # Constant after the warmup: a linear "decay" that ends at the peak.
+    return WarmupLinearDecay(
+        peak_learning_rate, total_steps, warmup_steps, peak_learning_rate
+    )
+
+
+def compile_with_recipe(
+    model,
+    recipe="vmoe",
+    *,
+    total_steps,
+    peak_learning_rate=1e-3,
+    warmup_steps=None,
+    schedule=None,
+    end_learning_rate=1e-5,
+    timescale=10_000,
+    cooldown_steps=None,
+    weight_decay=None,
+    global_clipnorm=1.0,
+    beta_1=0.9,
+    beta_2=0.999,
+    loss="sigmoid",
+    label_smoothing=0.0,
+    from_logits=None,
+    metrics="auto",
+    **compile_kwargs,
+):
+    """Compiles a classifier with the V-MoE or Soft MoE pre-training recipe.
+
+    One call sets, as in `ROUTERS.md` section 4:
+
+    - optimiser: `DecoupledWeightDecayAdam(beta_1=0.9, beta_2=0.999)` with
+      global norm clipping 1.0 and the recipe's decay rules (V-MoE: 0.1 on
+      every kernel; Soft MoE: 3.0 on the head kernel, 0.03 on other kernels
+      and on the Soft MoE router's `scale`);
+    - schedule: linear warmup, then linear decay to `end_learning_rate`
+      (V-MoE) or inverse square root with a linear cooldown (Soft MoE);
+    - loss: sigmoid cross-entropy summed over classes (both papers) or
+      softmax cross-entropy, with optional label smoothing; integer or
+      one-hot labels; the MoE auxiliary losses are added by `fit()`;
+    - metric: top-1 accuracy (`keras_vmoe.models.Top1Accuracy`).
+
+    Args:
+        model: keras.Model. Usually a `VisionMoEImageClassifier`.
+        recipe: str. `"vmoe"` or `"soft_moe"`. Defaults to `"vmoe"`.
+        total_steps: int. Optimizer steps of the whole run (the schedule
+            ends there).
+        peak_learning_rate: float. Rate after the warmup. Defaults to `1e-3`.
+        warmup_steps: int or None. Defaults to `None`: 10,000 (the papers)
+            capped at a tenth of `total_steps`.
+        schedule: str or None. Override the recipe's schedule: `"linear"`,
+            `"rsqrt"`, `"cosine"` or `"constant"`. Defaults to `None`.
+        end_learning_rate: float. End of the linear decay. Defaults to `1e-5`.
+        timescale: int. Time scale of the rsqrt decay. Defaults to `10_000`.
+        cooldown_steps: int or None. Linear cooldown of the rsqrt schedule.
+            Defaults to `None`: 50,000 capped at a tenth of `total_steps`.
+        weight_decay: None, float or sequence of `(regex, rate)`. `None`
+            keeps the recipe's rules; a float decays every kernel at that
+            rate; rules are matched against variable paths (first match).
+            Defaults to `None`.
+        global_clipnorm: float or None. Defaults to `1.0`.
+        beta_1: float. Defaults to `0.9`.
+        beta_2: float. Defaults to `0.999`.
+        loss: str or `keras.losses.Loss`. `"sigmoid"` or `"softmax"`, or any
+            Keras loss. Defaults to `"sigmoid"`.
+        label_smoothing: float in [0, 1). Defaults to `0`.
+        from_logits: bool or None. Defaults to `None`: logits unless the
+            model has an output `activation`.
+        metrics: `"auto"` (top-1 accuracy) or a list. Defaults to `"auto"`.
+        **compile_kwargs: other `model.compile` arguments
+            (`steps_per_execution`, `jit_compile`, ...).
+
+    Returns:
+        The model, compiled.
+
+    Example:
+    >>> from keras_vmoe.models import from_preset
+    >>> model = from_preset("vmoe_softmax_tc_s32_e32_224", num_classes=10,
+    ...     image_size=16, patch_size=8, num_layers=2, hidden_dim=16,
+    ...     mlp_dim=32, num_heads=2, num_experts=4, group_size=2)
+    >>> model = compile_with_recipe(model, "vmoe", total_steps=100)
+    >>> model.optimizer.weight_decay_rate_for("head/kernel")
+    0.1
+    >>> round(float(model.optimizer.learning_rate), 6)  # step 0 of the warmup
+    0.0
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"`recipe` must be one of {sorted(RECIPES)}, got {recipe!r}.")
+    rules, default_schedule = RECIPES[recipe]
+    lr = make_schedule(
+        schedule or default_schedule,
+        peak_learning_rate,
+        total_steps,
+        warmup_steps=warmup_steps,
+        end_learning_rate=end_learning_rate,
+        timescale=timescale,
+        cooldown_steps=cooldown_steps,
+    )
+    optimizer = DecoupledWeightDecayAdam(
+        lr,
+        weight_decay_rules=_weight_decay_rules(rules, weight_decay),
+        beta_1=beta_1,
+        beta_2=beta_2,
+        global_clipnorm=global_clipnorm,
+    )
+    if from_logits is None:
+        from_logits = getattr(model, "activation", None) is None
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}.")
+        cls = SigmoidCrossEntropy if loss == "sigmoid" else SoftmaxCrossEntropy
+        loss = cls(from_logits=from_logits, label_smoothing=label_smoothing)
+    if metrics == "auto":
+        from keras_vmoe.models.vmoe_image_classifier import Top1Accuracy
+
+        metrics = [Top1Accuracy()]
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **compile_kwargs)
+    return model
+
+
+def seed_state_variables(model):
+    """The `SeedGenerator` state variables of a model, in a stable order.
+
+    These are `model.variables` that are not `model.weights`: Keras keeps
+    them apart, and `save_weights` does not write them.
+
+    Example:
+    >>> import keras
+    >>> inputs = keras.Input((4,))
+    >>> model = keras.Model(inputs, keras.layers.Dropout(0.5)(inputs))
+    >>> [tuple(v.shape) for v in seed_state_variables(model)]
+    [(2,)]
+    """
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+class BackupAndRestoreWithRNG(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` that also restores the RNG state.
+
+    Keras' callback backs up the weights and the optimizer state at the end
+    of every epoch and restores them (and the epoch counter) when `fit()`
+    starts again. It leaves out the states of the layers' `SeedGenerator`s
+    (router noise, dropout), so a resumed run would replay the random
+    numbers of the first epochs. This subclass writes those states to
+    `seed_generator_states.npz` in `backup_dir` with every backup and
+    assigns them back on restore (by position in `seed_state_variables`;
+    their count and shapes are checked).
+
+    On the torch backend, Keras draws the dropout masks of layers created
+    without an explicit seed from torch's *global* generator (its fused
+    dropout cannot be seeded), and Keras' torch data loaders draw from that
+    generator too, a varying number of times; such a run cannot be replayed.
+    So on torch this callback, when `fit()` starts, switches those layers to
+    Keras' seeded dropout path (as if they had been given a seed): their
+    masks then come from their own `SeedGenerator`, whose state is backed
+    up. Use the callback in the uninterrupted run too, so that both draw
+    the same numbers.
+
+    Exact resumption also needs the input data of epoch `k` not to depend on
+    how many epochs this process has run: pass `fit()` data whose order is
+    fixed, or a stream that starts at `resume_epoch(backup_dir)` (what
+    `keras-vmoe train` does).
+
+    Backups are taken at epoch ends only: Keras restores the epoch, not the
+    batch, so a mid-epoch backup could not be resumed exactly.
+
+    Args:
+        backup_dir: str. Folder of the backup (used by this callback only).
+        delete_checkpoint: bool. Delete the backup when `fit()` completes.
+            Defaults to `True`.
+
+    Example:
+
+    ```python
+    backup = BackupAndRestoreWithRNG("run/backup")
+    try:
+        model.fit(x, y, epochs=10, shuffle=False, callbacks=[backup])
+    except KeyboardInterrupt:
+        pass
+    model.fit(x, y, epochs=10, shuffle=False, callbacks=[backup])  # resumes
+    ```
+    """
+
+    SEEDS_FILE = "seed_generator_states.npz"
+
+    def __init__(self, backup_dir, delete_checkpoint=True):
+        super().__init__(
+            backup_dir, save_freq="epoch", delete_checkpoint=delete_checkpoint
+        )
+        self._seeds_path = os.path.join(backup_dir, self.SEEDS_FILE)
+
+    @staticmethod
+    def resume_epoch(backup_dir):
+        """The epoch a `fit()` with a backup in `backup_dir` starts at (0: none).
+
+        Example:
+        >>> BackupAndRestoreWithRNG.resume_epoch("/no/such/folder")
+        0
+        """
+        path = os.path.join(backup_dir, "training_metadata.json")
+        weights = os.path.join(backup_dir, "latest.weights.h5")
+        if not (os.path.isfile(path) and os.path.isfile(weights)):
+            return 0
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f)["epoch"])
+
+    def on_train_begin(self, logs=None):
+        if keras.backend.backend() == "torch":
+            use_seeded_dropout(self.model)
+        super().on_train_begin(logs)
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        states = seed_state_variables(self.model)
+        arrays = {
+            f"state_{i}": keras.ops.convert_to_numpy(v.value)
+            for i, v in enumerate(states)
+        }
+        tmp = self._seeds_path + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self._seeds_path)
+        super()._save_model()
+
+    def _load_model(self):
+        super()._load_model()
+        if not (
+            os.path.isfile(self._weights_path) and os.path.isfile(self._seeds_path)
+        ):
+            return
+        states = seed_state_variables(self.model)
+        with np.load(self._seeds_path) as saved:
+            files = [f for f in saved.files if f.startswith("state_")]
+            if len(files) != len(states):
+                raise ValueError(
+                    f"The backup in {self.backup_dir} has {len(files)} "
+                    f"random-seed states, the model {len(states)}: it belongs "
+                    "to another model."
+                )
+            for i, variable in enumerate(states):
+                value = saved[f"state_{i}"]
+                if tuple(value.shape) != tuple(variable.shape):
+                    raise ValueError(
+                        f"Random-seed state {i} in {self._seeds_path} has shape "
+                        f"{value.shape}, the model's {variable.shape}."
+                    )
+                variable.assign(value.astype(variable.dtype))
+
+
+def use_seeded_dropout(model):
+    """Makes unseeded random layers draw from their own `SeedGenerator` (torch).
+
+    On the torch backend, `keras.random.dropout` with a `SeedGenerator`
+    created without a seed takes torch's global generator (fast path), so
+    the layer's saved seed state does not determine its masks. Marking each
+    such generator as seeded (with its current state) selects Keras' seeded
+    path. Other backends always use the generator; this is then a no-op for
+    the numbers drawn.
+
+    Args:
+        model: keras.Model.
+
+    Returns:
+        int, how many generators were switched.
+
+    Example:
+    >>> import keras
+    >>> inputs = keras.Input((4,))
+    >>> model = keras.Model(inputs, keras.layers.Dropout(0.5)(inputs))
+    >>> use_seeded_dropout(model), use_seeded_dropout(model)
+    (1, 0)
+    """
+    switched = 0
+    for layer in model._flatten_layers(include_self=True):
+        for generator in getattr(layer, "_seed_generators", ()):
+            if getattr(generator, "_initial_seed", 0) is None:
+                state = keras.ops.convert_to_numpy(generator.state.value)
+                generator._initial_seed = int(state[0])
+                switched += 1
+    return switched
