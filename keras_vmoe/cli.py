@@ -1,5 +1,9 @@
 """The `keras-vmoe` command.
 
+    keras-vmoe study     the router study on bundled data (what `make demo` runs)
+    keras-vmoe train     pre-train a preset with the paper's recipe, resumable
+    keras-vmoe eval      test and few-shot accuracy of a trained preset
+    keras-vmoe presets   the built-in presets with parameters and FLOPs
     keras-vmoe demo      route and train a tiny MoE stack with every router
 
 Each subcommand lives in its own module and adds itself in `_COMMANDS`.
@@ -77,4 +81,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m keras_vmoe.cli` (the --backend restart) this file runs
+    # as `__main__`; the commands import `keras_vmoe.cli`, so dispatch there
+    # for `UsageError` to be the class they raise.
+    from keras_vmoe import cli
+
+    sys.exit(cli.main())
