@@ -183,8 +183,9 @@ test_ds = data.eval_pipeline(
 )
 
 epochs = 2 if QUICK else 10
-# The V-MoE optimizer: Adam with decoupled weight decay on the kernels.
-model.compile(optimizer=training.DecoupledWeightDecayAdam(1e-3))
+training.compile_with_recipe(
+    model, "vmoe", total_steps=epochs * (num_train // batch_size)
+)
 history = model.fit(
     train_ds,
     epochs=epochs,
