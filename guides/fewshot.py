@@ -19,7 +19,7 @@ import numpy as np
 from keras_vmoe import callbacks, data, evaluation, models
 
 # Quick mode (used by the tests) shrinks the images, the model and the
-# training so the guide runs in well under a minute on a CPU.
+# training so the guide runs in under a minute on a CPU.
 QUICK = os.environ.get("KERAS_VMOE_GUIDE_QUICK") == "1"
 
 keras.utils.set_random_seed(0)

@@ -24,7 +24,7 @@ from keras_vmoe import data, distribution, models, training
 from keras_vmoe.models import VisionMoEBackbone
 
 # Quick mode (used by the tests) shrinks the model and the data so the guide
-# runs in well under a minute on a CPU.
+# runs in under a minute on a CPU.
 QUICK = os.environ.get("KERAS_VMOE_GUIDE_QUICK") == "1"
 
 keras.utils.set_random_seed(0)
