@@ -18,7 +18,8 @@ def moe_layers(model):
 class RoutingStatistics(keras.callbacks.Callback):
     """Writes each MoE layer's routing statistics into the epoch logs.
 
-    For every `MoE` layer it adds `routing/{layer}/{statistic}` with the
+    For every `MoE` layer it adds `routing/{layer path}/{statistic}` (the
+    path, e.g. `encoder_block_3/moe`, keeps layers of the same name apart) with the
     statistics of the layer's last training batch: `auxiliary_loss`,
     `fraction_tokens_dropped`, `experts_per_token`, `load_imbalance` (max
     over mean expert load). `History`, `CSVLogger` and `TensorBoard` see them
@@ -47,7 +48,9 @@ class RoutingStatistics(keras.callbacks.Callback):
         for layer in moe_layers(self.model):
             for name in self.statistics:
                 value = ops.convert_to_numpy(getattr(layer, name))
-                values[f"routing/{layer.name}/{name}"] = float(value)
+                values[f"routing/{getattr(layer, 'path', layer.name)}/{name}"] = float(
+                    value
+                )
         return values
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -45,3 +45,26 @@ def test_logs_training_statistics_even_with_validation():
 def test_unknown_statistic():
     with pytest.raises(ValueError, match="statistics"):
         RoutingStatistics(statistics=["nope"])
+
+
+def test_layers_with_the_same_name_stay_apart():
+    from keras_vmoe.models import VisionMoEBackbone
+
+    backbone = VisionMoEBackbone(
+        image_shape=(8, 8, 1),
+        patch_size=4,
+        num_layers=2,
+        num_heads=1,
+        hidden_dim=8,
+        mlp_dim=16,
+        moe_layers="all",
+        router="softmax_expert_choice",
+        num_experts=2,
+        group_size=1,
+    )
+    backbone(np.zeros((2, 8, 8, 1), "float32"))
+    callback = RoutingStatistics(statistics=["experts_per_token"])
+    callback.set_model(backbone)
+    keys = sorted(callback._read())
+    assert len(keys) == 2  # one per MoE block, although both are named "moe"
+    assert keys[0] != keys[1]
