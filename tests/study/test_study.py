@@ -5,6 +5,7 @@ import doctest
 import importlib
 import json
 import math
+import os
 
 import keras
 import numpy as np
@@ -234,6 +235,20 @@ def test_unwritable_output_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("keras-vmoe study: error: cannot write to --output")
     assert "\n" not in err
+
+
+def test_quick_xla_flag_is_scoped(monkeypatch):
+    from keras_vmoe.study import command
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with command._fast_xla_compilation(True):
+        inside = os.environ["XLA_FLAGS"]
+    after = os.environ["XLA_FLAGS"]
+    assert after == "--xla_force_host_platform_device_count=8"
+    if BACKEND == "jax":
+        assert inside.endswith(" --xla_backend_optimization_level=0")
+    else:
+        assert inside == after
 
 
 def _check_png(path):
