@@ -27,11 +27,13 @@ Families (all 224x224 images, ImageNet-1k head with sigmoid loss):
 """
 
 import json
+import os
 import pathlib
 
 import keras
 
 from keras_vmoe.models import cost
+from keras_vmoe.models.atomic import atomic_directory
 from keras_vmoe.models.preset_loader import (  # noqa: F401 - re-exported
     builtin_names,
     from_preset,
@@ -266,6 +268,9 @@ def preset_files(name, description, backbone_kwargs, classifier_kwargs):
 def generate_presets(out_dir=None, names=None):
     """Writes the preset folders (config.json, task.json, metadata.json).
 
+    Each folder is written atomically: into a temporary sibling that then
+    replaces it (files other than these three are carried over).
+
     Args:
         out_dir: str or None. Where to write. Defaults to `presets_dir()`.
         names: list of str or None. Only these presets. Defaults to all.
@@ -282,14 +287,14 @@ def generate_presets(out_dir=None, names=None):
     ) in preset_definitions().items():
         if names is not None and name not in names:
             continue
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for filename, doc in preset_files(
-            name, desc, backbone_kwargs, classifier_kwargs
-        ).items():
-            with open(folder / filename, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=4)
-                f.write("\n")
+        docs = preset_files(name, desc, backbone_kwargs, classifier_kwargs)
+        # Other files in the folder (e.g. weights) are kept; an interrupted
+        # run leaves the folder as it was.
+        with atomic_directory(out / name, keep_existing=True) as folder:
+            for filename, doc in docs.items():
+                with open(os.path.join(folder, filename), "w", encoding="utf-8") as f:
+                    json.dump(doc, f, indent=4)
+                    f.write("\n")
         written.append(name)
     return written
 
