@@ -11,6 +11,7 @@ from keras_vmoe.models.cost import (
     count_backbone_params,
     count_head_params,
 )
+from keras_vmoe.models.preset_loader import PresetFileError, UnsafePresetError
 from keras_vmoe.models.presets import (
     from_preset,
     generate_presets,
@@ -29,7 +30,9 @@ register_with_keras_hub()
 
 __all__ = [
     "ClassificationCrossEntropy",
+    "PresetFileError",
     "Top1Accuracy",
+    "UnsafePresetError",
     "VisionMoEBackbone",
     "VisionMoEImageClassifier",
     "backbone_flops",

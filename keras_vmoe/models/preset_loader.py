@@ -18,6 +18,32 @@ from keras_vmoe.models.vmoe_image_classifier import VisionMoEImageClassifier
 
 PRESETS_ENV_VAR = "KERAS_VMOE_PRESETS_DIR"
 _DEFAULT_IMAGE_SHAPE = (224, 224, 3)
+# Serialized objects that carry Python code: a Keras `Lambda` layer and a
+# Python `lambda` (marshalled bytecode), which Keras' safe mode refuses.
+_CODE_CLASS_NAMES = {"Lambda": "a `Lambda` layer", "__lambda__": "a Python `lambda`"}
+
+
+class PresetFileError(ValueError):
+    """A preset file that exists but cannot be used (unreadable, corrupt).
+
+    Args:
+        message: str. What is wrong, naming the file.
+        path: str or os.PathLike. The file.
+    """
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = str(path)
+
+
+class UnsafePresetError(PresetFileError):
+    """A preset whose config asks for arbitrary Python code.
+
+    Keras' safe mode refuses to deserialize Python lambdas (marshalled
+    bytecode): loading them could run any code. Preset configs here hold
+    only constructor arguments, so such a preset is refused, whatever
+    `keras.config.enable_unsafe_deserialization()` says.
+    """
 
 
 def presets_dir():
@@ -46,10 +72,19 @@ def presets_dir():
 
 
 def builtin_names():
+    """Names of the preset folders in `presets_dir()`.
+
+    Hidden folders (`.tmp-*`, `.old-*` left by an interrupted atomic save)
+    are not presets.
+    """
     root = presets_dir()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not p.name.startswith(".") and (p / "config.json").is_file()
+    )
 
 
 def read_json(folder, filename, required=True):
@@ -64,7 +99,45 @@ def read_json(folder, filename, required=True):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Preset file {path} is not valid JSON: {e}") from e
+        raise PresetFileError(
+            f"Preset file {path} is not valid JSON (truncated or corrupt?): {e}",
+            path,
+        ) from e
+
+
+def _find_code(node, where):
+    """`(location, description)` of the first code-carrying object, or None."""
+    if isinstance(node, dict):
+        kind = _CODE_CLASS_NAMES.get(node.get("class_name"))
+        if kind is not None:
+            return where, kind
+        items = node.items()
+    elif isinstance(node, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(node))
+    else:
+        return None
+    for key, value in items:
+        found = _find_code(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _refuse_code(doc, folder, filename):
+    """Raises `UnsafePresetError` if `doc` asks for a Lambda or a lambda."""
+    found = _find_code(doc, "")
+    if found is None:
+        return
+    where, kind = found
+    path = pathlib.Path(folder) / filename
+    raise UnsafePresetError(
+        f"Refusing to load preset '{folder}': {filename} contains {kind} at "
+        f"`{where or '(top level)'}`, i.e. arbitrary Python code, which Keras "
+        "safe mode does not deserialize (loading it could run any code). "
+        "keras_vmoe presets hold constructor arguments only; load presets "
+        "from sources you trust, and build custom layers in code.",
+        path,
+    )
 
 
 def resolve_preset(name_or_dir):
@@ -102,6 +175,7 @@ def _serialized(obj_config, cls):
 def _load_configs(folder):
     """(backbone class, backbone config, classifier class, classifier config)."""
     raw = read_json(folder, "config.json")
+    _refuse_code(raw, folder, "config.json")
     try:
         backbone_cls, backbone_config = _serialized(raw, VisionMoEBackbone)
     except ValueError as e:
@@ -112,6 +186,7 @@ def _load_configs(folder):
     task = read_json(folder, "task.json", required=False)
     task_cls, task_config = VisionMoEImageClassifier, {}
     if task is not None:
+        _refuse_code(task, folder, "task.json")
         try:
             task_cls, task_config = _serialized(task, VisionMoEImageClassifier)
         except ValueError as e:
@@ -172,9 +247,33 @@ def _split_overrides(overrides, for_classifier):
     return backbone_kw, classifier_kw
 
 
+def _check_weights_file(path):
+    """Raises `PresetFileError` naming `path` unless it opens as HDF5."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as e:
+        reason = " ".join(str(e).split())
+        raise PresetFileError(
+            f"Weights file {path} cannot be read: it is truncated, corrupt or "
+            f"not an HDF5 file ({reason}). Save or copy the preset again, or "
+            "pass load_weights=False to build the model without it.",
+            path,
+        ) from e
+
+
 def _load_weights(model, path, method):
+    _check_weights_file(path)
     try:
         getattr(model, method)(str(path))
+    except OSError as e:  # A read error past the file header.
+        raise PresetFileError(
+            f"Weights file {path} cannot be read: {e}. Save or copy the preset "
+            "again, or pass load_weights=False.",
+            path,
+        ) from e
     except Exception as e:  # noqa: BLE001 - re-raised with the file named.
         raise ValueError(
             f"Could not load weights from {path}: {e}. If you overrode the "
@@ -235,8 +334,13 @@ def from_preset(name_or_dir, load_weights=True, **overrides):
         `VisionMoEImageClassifier`.
 
     Raises:
-        ValueError: unknown preset (close matches listed), unknown override,
-            or an unreadable preset file (named).
+        ValueError: unknown preset (close matches listed) or unknown
+            override.
+        PresetFileError: a preset file (named) is not valid JSON, or a
+            weights file is truncated or not HDF5 (a `ValueError`).
+        UnsafePresetError: the preset's config asks for Python code (a
+            `Lambda` layer or a `lambda`), which Keras safe mode refuses (a
+            `PresetFileError`).
         FileNotFoundError: a required preset file is missing (named).
 
     Example:
