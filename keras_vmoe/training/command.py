@@ -642,19 +642,23 @@ def run(args, callbacks=None):
         backup.on_train_begin()
 
     # === The trained preset ===
+    from keras_vmoe.models.atomic import atomic_directory
+
     preset_dir = os.path.join(out, "preset")
-    shutil.rmtree(preset_dir, ignore_errors=True)
     # The preset is for inference and fine-tuning: leave the optimizer state
     # out of it (Adam would triple its size). Training has ended, so the
     # default compile() can replace the recipe's optimizer.
     model.compile()
-    model.save_to_preset(preset_dir)
     history = {}
     if os.path.isfile(history_path):
         with open(history_path, encoding="utf-8") as f:
             history = json.load(f)
     final = {k: v[-1] for k, v in history.items() if v and v[-1] is not None}
-    _write_metadata(preset_dir, model, cfg, recipe, total, epochs, final)
+    # Weights and metadata are written into a temporary folder that replaces
+    # `preset/` only when complete; the backup goes only after that.
+    with atomic_directory(preset_dir) as staging:
+        model.save_to_preset(staging)
+        _write_metadata(staging, model, cfg, recipe, total, epochs, final)
     shutil.rmtree(backup_dir, ignore_errors=True)
     final.pop("epoch", None)
     print(f"saved the trained preset to {preset_dir}")

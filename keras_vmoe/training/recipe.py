@@ -340,7 +340,9 @@ class BackupAndRestoreWithRNG(keras.callbacks.BackupAndRestore):
     `keras-vmoe train` does).
 
     Backups are taken at epoch ends only: Keras restores the epoch, not the
-    batch, so a mid-epoch backup could not be resumed exactly.
+    batch, so a mid-epoch backup could not be resumed exactly. Each backup
+    is written atomically (a temporary folder renamed into place): a crash
+    while saving leaves the previous backup intact.
 
     Args:
         backup_dir: str. Folder of the backup (used by this callback only).
@@ -388,16 +390,30 @@ class BackupAndRestoreWithRNG(keras.callbacks.BackupAndRestore):
         super().on_train_begin(logs)
 
     def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
+        """Writes the backup atomically: weights, epoch and seed states.
+
+        Keras writes the weights file in place, then the epoch; a crash in
+        between leaves a truncated file or a mismatched pair. Here all three
+        files go into a temporary folder that replaces `backup_dir` when
+        complete (`keras_vmoe.models.atomic`), so the previous backup stays
+        usable until the new one is whole.
+        """
+        from keras_vmoe.models.atomic import atomic_directory
+
         states = seed_state_variables(self.model)
         arrays = {
             f"state_{i}": keras.ops.convert_to_numpy(v.value)
             for i, v in enumerate(states)
         }
-        tmp = self._seeds_path + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self._seeds_path)
-        super()._save_model()
+        metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+        metadata_file = os.path.basename(self._training_metadata_path)
+        with atomic_directory(self.backup_dir, marker=metadata_file) as staging:
+            np.savez(os.path.join(staging, self.SEEDS_FILE), **arrays)
+            self.model.save_weights(
+                os.path.join(staging, os.path.basename(self._weights_path))
+            )
+            with open(os.path.join(staging, metadata_file), "w") as f:
+                json.dump(metadata, f)
 
     def _load_model(self):
         super()._load_model()

@@ -213,3 +213,72 @@ def test_atomic_file_keeps_the_old_file_on_failure(tmp_path):
             f.write(b"new")
     assert target.read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["best.weights.h5"]
+
+
+def test_interrupted_train_command_leaves_no_partial_preset(tmp_path, monkeypatch):
+    """`keras-vmoe train`: a crash while saving the preset leaves no half
+    preset, keeps the backup, and `--resume` then writes the preset."""
+    from keras_vmoe import cli
+    from keras_vmoe.training import command as train_command
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "vit_dense_s32_224", "--dataset", "digits"]
+    argv += ["--image-size", "16", "--batch-size", "32", "--steps", "2"]
+    argv += ["--eval-split", "none", "--verbose", "0", "--output", str(out)]
+    for key, value in dict(
+        patch_size=4, num_layers=1, hidden_dim=8, mlp_dim=16, num_heads=2
+    ).items():
+        argv += ["--override", f"{key}={value}"]
+
+    def crash(preset_dir, *args):
+        assert "model.weights.h5" in os.listdir(preset_dir)  # weights written
+        raise Interrupted("killed while writing metadata.json")
+
+    monkeypatch.setattr(train_command, "_write_metadata", crash)
+    with pytest.raises(Interrupted):
+        cli.main(argv)
+    monkeypatch.undo()
+    assert "preset" not in os.listdir(out)
+    assert "backup" in os.listdir(out)
+    assert _leftovers(out) == []
+    assert cli.main(argv + ["--resume"]) == 0
+    with open(out / "preset" / "metadata.json") as f:
+        assert json.load(f)["weights"] == "trained"
+    assert models.from_preset(str(out / "preset")).num_classes == 10
+    assert "backup" not in os.listdir(out) and _leftovers(out) == []
+
+
+def test_interrupted_backup_keeps_the_previous_backup(tmp_path, monkeypatch):
+    from keras_vmoe.training import BackupAndRestoreWithRNG
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dropout(0.5)(keras.layers.Dense(8)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    model.compile(optimizer="adam", loss="mse")
+    x, y = np.ones((8, 4), "float32"), np.zeros((8, 1), "float32")
+    backup_dir = tmp_path / "backup"
+    backup = BackupAndRestoreWithRNG(str(backup_dir), delete_checkpoint=False)
+    model.fit(x, y, epochs=1, callbacks=[backup], verbose=0)
+    assert BackupAndRestoreWithRNG.resume_epoch(str(backup_dir)) == 1
+    before = _snapshot(backup_dir)
+    assert sorted(before) == [
+        "latest.weights.h5",
+        "seed_generator_states.npz",
+        "training_metadata.json",
+    ]
+
+    def partial_save_weights(filepath, **kwargs):
+        with open(filepath, "wb") as f:
+            f.write(b"\x89HDF\r\n")  # a truncated file
+        raise Interrupted("preempted")
+
+    monkeypatch.setattr(model, "save_weights", partial_save_weights)
+    with pytest.raises(Interrupted):
+        model.fit(x, y, epochs=2, callbacks=[backup], verbose=0)
+    monkeypatch.undo()
+    assert _snapshot(backup_dir) == before
+    assert _leftovers(tmp_path) == []
+    history = model.fit(x, y, epochs=2, callbacks=[backup], verbose=0)
+    assert len(history.history["loss"]) == 1  # resumed at epoch 2 of 2
+    assert BackupAndRestoreWithRNG.resume_epoch(str(backup_dir)) == 2
