@@ -1,9 +1,16 @@
-"""The one place where backends differ: order-stable top-k.
+"""The one place where backends differ.
 
-Routers must agree on every backend, so ties must break the same way
-everywhere: on equal values the lower index wins. `jax.lax.top_k` and
-`tf.math.top_k` already guarantee this; `torch.topk` does not, so torch uses
-a stable descending sort instead.
+Order-stable top-k: routers must agree on every backend, so ties must break
+the same way everywhere: on equal values the lower index wins.
+`jax.lax.top_k` and `tf.math.top_k` already guarantee this; `torch.topk`
+does not, so torch uses a stable descending sort instead.
+
+Per-group gather and segment sum: routing indexes tokens within their own
+group. On JAX these are written as `vmap`s over the group axis, so XLA sees
+the group axis as a batch dimension of the gather / scatter and can keep it
+sharded under `keras.distribution` (a flat index into all groups' tokens
+would make every device gather every group). Other backends use the flat
+equivalent.
 """
 
 import keras
@@ -27,6 +34,14 @@ def top_k(x, k):
         x = ops.convert_to_tensor(x)
         values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
         return values[..., :k], indices[..., :k].to(torch.int32)
+    if keras.backend.backend() == "jax" and keras.distribution.distribution():
+        # Under a device mesh XLA replicates TopK (it all-gathers the whole
+        # operand) but partitions a sort along its batch dimensions, so the
+        # routing of each group stays on the group's devices.
+        import jax.numpy as jnp
+
+        indices = jnp.argsort(x, axis=-1, stable=True, descending=True)[..., :k]
+        return jnp.take_along_axis(x, indices, axis=-1), indices.astype("int32")
     values, indices = ops.top_k(x, k, sorted=True)
     return values, ops.cast(indices, "int32")
 
@@ -34,3 +49,56 @@ def top_k(x, k):
 def argsort_descending(x):
     """Indices that sort the last axis by decreasing value, stably."""
     return top_k(x, ops.shape(x)[-1])[1]
+
+
+def grouped_take(x, indices):
+    """Rows of each group picked by index: `out[g, n] = x[g, indices[g, n]]`.
+
+    Args:
+        x: tensor `(G, S, ...)`.
+        indices: int tensor `(G, N)` with values in `[0, S)`.
+
+    Returns:
+        tensor `(G, N, ...)` in the dtype of `x`.
+    """
+    x = ops.convert_to_tensor(x)
+    indices = ops.cast(indices, "int32")
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.vmap(lambda rows, idx: rows[idx])(x, indices)
+    num_groups, num_rows = ops.shape(x)[0], ops.shape(x)[1]
+    flat = ops.reshape(x, (-1,) + tuple(ops.shape(x)[2:]))  # (G*S, ...)
+    offsets = ops.arange(num_groups, dtype="int32")[:, None] * num_rows
+    return ops.take(flat, indices + offsets, axis=0)  # (G, N, ...)
+
+
+def grouped_segment_sum(data, segment_ids, num_segments):
+    """Segment sum within each group: `out[g, i] = sum_{n: ids[g,n]=i} data[g, n]`.
+
+    Args:
+        data: tensor `(G, N, ...)`.
+        segment_ids: int tensor `(G, N)` with values in `[0, num_segments)`.
+        num_segments: int. Segments per group.
+
+    Returns:
+        tensor `(G, num_segments, ...)` in the dtype of `data`.
+    """
+    data = ops.convert_to_tensor(data)
+    segment_ids = ops.cast(segment_ids, "int32")
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def one_group(values, ids):
+            return jax.ops.segment_sum(values, ids, num_segments=num_segments)
+
+        return jax.vmap(one_group)(data, segment_ids)
+    shape = ops.shape(data)
+    num_groups, tail = shape[0], tuple(shape[2:])
+    offsets = ops.arange(num_groups, dtype="int32")[:, None] * num_segments
+    flat = ops.segment_sum(
+        ops.reshape(data, (-1,) + tail),
+        ops.reshape(segment_ids + offsets, (-1,)),
+        num_segments=num_groups * num_segments,
+    )
+    return ops.reshape(flat, (num_groups, num_segments) + tail)

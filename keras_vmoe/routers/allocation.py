@@ -102,8 +102,6 @@ def token_choice(
     # (index E*C) that is cut off afterwards. Each real slot receives at most
     # one choice, so the segment sum is an assignment.
     slot = ops.where(kept, experts * c + position, e * c)  # (G, S, K)
-    group_offsets = ops.arange(num_groups, dtype="int32")[:, None, None] * (e * c + 1)
-    segments = ops.reshape(slot + group_offsets, (-1,))
     tokens = ops.broadcast_to(token_order[..., None], (num_groups, s, k))
     payload = ops.stack(
         [
@@ -113,10 +111,12 @@ def token_choice(
         ],
         axis=-1,
     )  # (G, S, K, 3)
-    filled = ops.segment_sum(
-        ops.reshape(payload, (-1, 3)), segments, num_segments=num_groups * (e * c + 1)
-    )
-    filled = ops.reshape(filled, (num_groups, e * c + 1, 3))[:, : e * c]
+    filled = backend.grouped_segment_sum(
+        ops.reshape(payload, (num_groups, s * k, 3)),
+        ops.reshape(slot, (num_groups, s * k)),
+        num_segments=e * c + 1,
+    )  # (G, E*C + 1, 3)
+    filled = filled[:, : e * c]
     filled = ops.reshape(filled, (num_groups, e, c, 3))
     # Token ids and the mask are counts, not functions of the scores: keep
     # them out of the backward pass (with them in it, XLA's CPU backward of

@@ -20,6 +20,8 @@ routings are dense by nature and keep the two `(G, S, E, C)` tensors.
 
 from keras import ops
 
+from keras_vmoe import backend
+
 
 class Routing:
     """The routing of `G` groups of `S` tokens to `E` experts of `C` slots.
@@ -111,15 +113,6 @@ class Routing:
     # ------------------------------------------------------------------
     # Execution: the fast path used by the MoE layer.
     # ------------------------------------------------------------------
-    def _slot_rows(self):
-        """Row of the flat `(G*S, d)` token matrix held by each slot.
-
-        Expert-major `(E, G, C)`, the layout the experts consume.
-        """
-        num_groups = ops.shape(self.slot_token)[0]
-        offsets = ops.arange(num_groups, dtype="int32")[:, None, None] * self.num_tokens
-        return ops.transpose(self.slot_token + offsets, (1, 0, 2))  # (E, G, C)
-
     def dispatch(self, x):
         """Expert inputs for every slot, expert-major.
 
@@ -128,22 +121,24 @@ class Routing:
 
         Returns:
             tensor `(E, G, C, d)` in the dtype of `x`: all of one expert's
-            slots are contiguous, so the experts run as one batched matmul
-            (and, sharded on `E`, one all-to-all moves the tokens).
+            slots are contiguous, so the experts run as one batched matmul.
+            Each group gathers from its own tokens only, so with groups
+            sharded across devices the gather stays local and the transpose
+            to expert-major becomes one all-to-all when `E` is sharded.
         """
         x = ops.convert_to_tensor(x)
         if not self.is_sparse:
             d = ops.cast(self.dispatch_weights, x.dtype)
             return ops.einsum("gsec,gsd->egcd", d, x)
         num_groups, _, d_model = ops.shape(x)
-        x_flat = ops.reshape(x, (num_groups * self.num_tokens, d_model))  # (G*S, d)
-        rows = ops.reshape(self._slot_rows(), (-1,))  # (E*G*C,)
-        gathered = ops.take(x_flat, rows, axis=0)  # (E*G*C, d)
-        gathered = ops.reshape(
-            gathered, (self.num_experts, num_groups, self.capacity, d_model)
+        e, c = self.num_experts, self.capacity
+        slots = ops.reshape(self.slot_token, (num_groups, e * c))  # (G, E*C)
+        gathered = backend.grouped_take(x, slots)  # (G, E*C, d)
+        gathered = gathered * ops.reshape(
+            ops.cast(self.slot_mask, x.dtype), (num_groups, e * c, 1)
         )
-        mask = ops.transpose(ops.cast(self.slot_mask, x.dtype), (1, 0, 2))  # (E, G, C)
-        return gathered * mask[..., None]
+        gathered = ops.reshape(gathered, (num_groups, e, c, d_model))
+        return ops.transpose(gathered, (1, 0, 2, 3))  # (E, G, C, d)
 
     def combine(self, expert_outputs):
         """Token outputs from the experts' slot outputs.
@@ -158,14 +153,14 @@ class Routing:
         if not self.is_sparse:
             w = ops.cast(self.combine_weights, y.dtype)
             return ops.einsum("egcd,gsec->gsd", y, w)
-        _, num_groups, _, d_model = ops.shape(y)
-        weight = ops.transpose(
-            ops.cast(self.slot_weight, y.dtype), (1, 0, 2)
-        )  # (E, G, C)
-        weighted = ops.reshape(y * weight[..., None], (-1, d_model))  # (E*G*C, d)
-        rows = ops.reshape(self._slot_rows(), (-1,))  # (E*G*C,)
-        out = ops.segment_sum(weighted, rows, num_segments=num_groups * self.num_tokens)
-        return ops.reshape(out, (num_groups, self.num_tokens, d_model))  # (G, S, d)
+        e, num_groups, c, d_model = ops.shape(y)
+        y = ops.transpose(y, (1, 0, 2, 3))  # (G, E, C, d)
+        weighted = y * ops.cast(self.slot_weight, y.dtype)[..., None]
+        return backend.grouped_segment_sum(
+            ops.reshape(weighted, (num_groups, e * c, d_model)),  # (G, E*C, d)
+            ops.reshape(self.slot_token, (num_groups, e * c)),  # (G, E*C)
+            num_segments=self.num_tokens,
+        )  # (G, S, d)
 
     # ------------------------------------------------------------------
     # The definition: dense tensors and the einsum reference path.
@@ -220,12 +215,11 @@ class Routing:
         if self.is_sparse:
             mask = ops.cast(self.slot_mask, "float32")  # (G, E, C)
             num_groups = ops.shape(mask)[0]
-            s = self.num_tokens
-            offsets = ops.arange(num_groups, dtype="int32")[:, None, None] * s
-            rows = ops.reshape(self.slot_token + offsets, (-1,))
-            per_token = ops.segment_sum(
-                ops.reshape(mask, (-1,)), rows, num_segments=num_groups * s
-            )  # (G*S,) experts reached by each token
+            per_token = backend.grouped_segment_sum(
+                ops.reshape(mask, (num_groups, -1)),  # (G, E*C)
+                ops.reshape(self.slot_token, (num_groups, -1)),
+                num_segments=self.num_tokens,
+            )  # (G, S) experts reached by each token
             dropped = ops.mean(ops.cast(per_token == 0, "float32"))
             experts_per_token = ops.mean(per_token)
             filled = ops.sum(mask, axis=2)  # (G, E)
