@@ -37,18 +37,21 @@ def _kernel_form_plan(scores, num_iters, log_b):
     kernel = ops.exp(scores - top)  # (G, S, E), entries in (e^-50, 1]
     b = math.exp(log_b)
 
+    # The sums are elementwise products and reductions, not einsums: a
+    # float32 matmul may run in TF32 (GPU) or bfloat16 passes (TPU) by
+    # default, far from float32 rounding.
     def one_iteration(_, u):
         # Expert update v_j = b / sum_i K_ij u_i, then token update
         # u_i = 1 / sum_j K_ij v_j.
-        v = b / ops.einsum("gse,gs->ge", kernel, u)  # (G, E)
-        return 1.0 / ops.einsum("gse,ge->gs", kernel, v)  # (G, S)
+        v = b / ops.sum(kernel * u[:, :, None], axis=1)  # (G, E)
+        return 1.0 / ops.sum(kernel * v[:, None, :], axis=2)  # (G, S)
 
     u = ops.ones_like(scores[:, :, 0])  # (G, S)
     u = ops.fori_loop(0, num_iters - 1, one_iteration, u)
     # Last iteration: the expert update, then the token update folded into
     # a row normalisation, P_ij = K_ij v_j / sum_j K_ij v_j (as in the log
     # form's final softmax).
-    v = b / ops.einsum("gse,gs->ge", kernel, u)  # (G, E)
+    v = b / ops.sum(kernel * u[:, :, None], axis=1)  # (G, E)
     scaled = kernel * v[:, None, :]  # (G, S, E)
     return scaled / ops.sum(scaled, axis=2, keepdims=True)  # (G, S, E)
 
@@ -93,8 +96,8 @@ def sinkhorn_plan(logits, num_iters=20, epsilon=1.0):
 
     Two exact forms of the same iterations: when every group's spread
     `max - min` of `logits / epsilon` is at most `KERNEL_FORM_MAX_SPREAD`
-    (50), the kernel form (one `exp`, then each iteration two matrix-vector
-    products, fast); otherwise the log domain with `logsumexp` (no overflow
+    (50), the kernel form (one `exp`, then each iteration two scalings and
+    sums, fast); otherwise the log domain with `logsumexp` (no overflow
     even for logits of magnitude 1e4). Only one of them runs (`ops.cond`);
     they agree to float32 rounding.
 
