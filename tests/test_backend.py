@@ -1,0 +1,58 @@
+"""`keras_vmoe.backend`: the backend-specific kernels, against NumPy."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_vmoe import backend
+
+
+def test_top_k_ties_go_to_the_lower_index():
+    x = np.array([[0.5, 0.9, 0.5, 0.9, 0.1]], "float32")
+    values, indices = backend.top_k(x, 3)
+    np.testing.assert_array_equal(ops.convert_to_numpy(indices), [[1, 3, 0]])
+    np.testing.assert_array_equal(ops.convert_to_numpy(values), x[:, [1, 3, 0]])
+    assert ops.convert_to_numpy(indices).dtype == np.int32
+
+
+def test_grouped_take_equals_numpy():
+    rng = np.random.RandomState(0)
+    x = rng.randn(3, 5, 4).astype("float32")  # (G, S, d)
+    idx = rng.randint(0, 5, size=(3, 7)).astype("int32")  # (G, N), repeats
+    out = ops.convert_to_numpy(backend.grouped_take(x, idx))
+    expected = np.stack([x[g][idx[g]] for g in range(3)])  # (G, N, d)
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("tail", [(), (2,)])
+def test_grouped_segment_sum_equals_numpy(tail):
+    rng = np.random.RandomState(1)
+    data = rng.randn(3, 6, *tail).astype("float32")  # (G, N, ...)
+    ids = rng.randint(0, 4, size=(3, 6)).astype("int32")
+    out = ops.convert_to_numpy(backend.grouped_segment_sum(data, ids, num_segments=4))
+    expected = np.zeros((3, 4) + tail, "float32")
+    for g in range(3):
+        np.add.at(expected[g], ids[g], data[g])
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    # Segment 3 of a group that never names it stays 0.
+    ids[0] = 0
+    out = ops.convert_to_numpy(backend.grouped_segment_sum(data, ids, num_segments=4))
+    np.testing.assert_allclose(out[0, 0], data[0].sum(0), rtol=1e-5)
+    assert not out[0, 1:].any()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX device mesh")
+def test_top_k_under_a_device_mesh_equals_top_k():
+    # Under a keras.distribution, JAX uses a stable sort (partitionable).
+    x = np.array([[3.0, 1.0, 3.0, 2.0], [0.0, 0.0, -1.0, 5.0]], "float32")
+    plain = [ops.convert_to_numpy(t) for t in backend.top_k(x, 3)]
+    mesh = keras.distribution.DeviceMesh(
+        (1,), ("batch",), keras.distribution.list_devices()[:1]
+    )
+    with keras.distribution.DataParallel(device_mesh=mesh).scope():
+        sharded = [ops.convert_to_numpy(t) for t in backend.top_k(x, 3)]
+    np.testing.assert_array_equal(plain[1], [[0, 2, 3], [3, 0, 1]])
+    for a, b in zip(plain, sharded):
+        np.testing.assert_array_equal(a, b)
+    assert sharded[1].dtype == np.int32
