@@ -10,6 +10,7 @@ import pytest
 
 MODULES = [
     "keras_vmoe.routers.allocation",
+    "keras_vmoe.routers.base",
     "keras_vmoe.routers.capacity",
     "keras_vmoe.routers.registry",
     "keras_vmoe.routers.soft",

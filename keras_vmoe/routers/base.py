@@ -7,6 +7,8 @@ computation under mixed precision, and argument checking. Subclasses build
 their affinity (e.g. `DenseGating`) and call an allocation function.
 """
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -15,22 +17,64 @@ from keras_vmoe.routers.capacity import compute_capacity
 
 
 def check_positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or int(value) != value or value < minimum:
+    """`value` as an int, or a ValueError naming `name` unless an int >= `minimum`.
+
+    Args:
+        name: str. The argument's name, for the message.
+        value: the argument. Integral floats (`4.0`) are accepted.
+        minimum: int. Smallest accepted value. Defaults to `1`.
+
+    Example:
+    >>> check_positive_int("num_experts", 4.0)
+    4
+    """
+    try:
+        valid = not isinstance(value, bool) and int(value) == value >= minimum
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
     return int(value)
 
 
+def _is_number(value):
+    """A real number (NumPy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_positive_float(name, value):
     """`value` as a float, or a ValueError naming `name` unless it is > 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if not _is_number(value) or not value > 0:
         raise ValueError(f"`{name}` must be a number > 0, got {value!r}.")
     return float(value)
 
 
 def check_non_negative(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+    """`value` as a float, or a ValueError naming `name` unless it is >= 0."""
+    if not _is_number(value) or not value >= 0:
         raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
     return float(value)
+
+
+def check_rate(name, value):
+    """`value` as a float, or a ValueError naming `name` unless in [0, 1).
+
+    For dropout rates and label smoothing.
+
+    Example:
+    >>> check_rate("dropout_rate", 0.1)
+    0.1
+    """
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def check_bool(name, value):
+    """`value`, or a ValueError naming `name` unless it is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    return value
 
 
 class Router(keras.layers.Layer):
@@ -80,15 +124,14 @@ class Router(keras.layers.Layer):
                     "Give `eval_capacity_factor` only with `capacity_factor`, "
                     "not with an explicit `capacity`."
                 )
-        elif capacity_factor is None or not capacity_factor > 0:
+        elif not _is_number(capacity_factor) or not capacity_factor > 0:
             raise ValueError(
-                "Give `capacity_factor` > 0 or an explicit `capacity`; got "
-                f"capacity_factor={capacity_factor!r}, capacity={capacity!r}."
+                "Give `capacity_factor` (a number > 0) or an explicit `capacity` "
+                f"(an int >= 1); got capacity_factor={capacity_factor!r}, "
+                f"capacity={capacity!r}."
             )
-        if eval_capacity_factor is not None and not eval_capacity_factor > 0:
-            raise ValueError(
-                f"`eval_capacity_factor` must be > 0, got {eval_capacity_factor!r}."
-            )
+        if eval_capacity_factor is not None:
+            check_positive_float("eval_capacity_factor", eval_capacity_factor)
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.capacity = capacity
@@ -227,7 +270,7 @@ class TokenChoiceRouter(DenseGatingRouter):
                 f"`num_selected_experts` ({num_selected_experts}) must be at most "
                 f"`num_experts` ({num_experts})."
             )
-        self.batch_priority = bool(batch_priority)
+        self.batch_priority = check_bool("batch_priority", batch_priority)
         self.importance_loss_weight = check_non_negative(
             "importance_loss_weight", importance_loss_weight
         )

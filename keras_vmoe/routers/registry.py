@@ -32,6 +32,63 @@ def get_class(identifier):
     return getattr(importlib.import_module(f"keras_vmoe.routers.{module}"), cls)
 
 
+def router_arguments(identifier):
+    """The keyword arguments the router `identifier` accepts, sorted.
+
+    Collected from the constructors of the router class and its bases,
+    `keras.layers.Layer` included (`dtype`, `name`, `trainable`, ...).
+
+    Example:
+    >>> "num_slots" in router_arguments("soft")
+    True
+    """
+    import inspect
+
+    import keras
+
+    names = set()
+    for cls in get_class(identifier).__mro__:
+        if not issubclass(cls, keras.layers.Layer):
+            break
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name != "self" and param.kind not in (
+                param.VAR_POSITIONAL,
+                param.VAR_KEYWORD,
+            ):
+                names.add(name)
+        if cls is keras.layers.Layer:
+            break
+    return tuple(sorted(names))
+
+
+def check_router_arguments(identifier, kwargs, argument="router_config", reserved=()):
+    """Raises a ValueError naming `argument` if a key of `kwargs` is unknown.
+
+    Args:
+        identifier: str. A router name (`ROUTER_NAMES`).
+        kwargs: dict. Keyword arguments meant for the router.
+        argument: str. What to call `kwargs` in the message. Defaults to
+            `"router_config"`.
+        reserved: sequence of str. Router arguments the caller sets itself,
+            refused in `kwargs`. Defaults to `()`.
+    """
+    accepted = [a for a in router_arguments(identifier) if a not in reserved]
+    taken = sorted(set(kwargs) & set(reserved))
+    if taken:
+        raise ValueError(
+            f"`{argument}` must not set {taken}: they are set for you "
+            f"(e.g. `num_experts=` of the backbone)."
+        )
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ValueError(
+            f"`{argument}` has unknown argument(s) {unknown} for router "
+            f"{identifier!r}.{hint} Accepted: {', '.join(accepted)}."
+        )
+
+
 def get(identifier, **kwargs):
     """A new router layer by registry name.
 
@@ -48,4 +105,5 @@ def get(identifier, **kwargs):
     >>> type(router).__name__
     'SoftmaxExpertChoiceRouter'
     """
+    check_router_arguments(identifier, kwargs, argument="**kwargs")
     return get_class(identifier)(**kwargs)

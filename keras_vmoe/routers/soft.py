@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_vmoe.routers.base import check_positive_int
+from keras_vmoe.routers.base import check_positive_float, check_positive_int
 from keras_vmoe.routers.routing import Routing
 
 
@@ -51,8 +51,8 @@ class SoftRouter(keras.layers.Layer):
             )
         if num_slots is not None:
             check_positive_int("num_slots", num_slots)
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"`capacity_factor` must be > 0, got {capacity_factor!r}.")
+        if capacity_factor is not None:
+            check_positive_float("capacity_factor", capacity_factor)
         if num_slots is None and capacity_factor is None:
             num_slots = 1
         self.num_slots = num_slots
