@@ -57,7 +57,7 @@ def _select_backend(argv):
     time (from $KERAS_BACKEND or ~/.keras/keras.json). When --backend asks
     for another one, the command restarts itself with $KERAS_BACKEND set.
     """
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(prog="keras-vmoe", add_help=False)
     pre.add_argument("--backend", choices=("jax", "tensorflow", "torch"))
     known, _ = pre.parse_known_args(argv)
     import keras

@@ -35,6 +35,11 @@ class RoutingStatistics(keras.callbacks.Callback):
 
     def __init__(self, statistics=STATISTICS):
         super().__init__()
+        if isinstance(statistics, str) or not hasattr(statistics, "__iter__"):
+            raise ValueError(
+                f"`statistics` must be a sequence of names, got {statistics!r}; "
+                f"choose from {list(STATISTICS)}."
+            )
         unknown = set(statistics) - set(STATISTICS)
         if unknown:
             raise ValueError(

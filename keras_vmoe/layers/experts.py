@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from keras_vmoe.routers.base import check_positive_int
+from keras_vmoe.routers.base import check_bool, check_positive_int, check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -59,7 +59,8 @@ class MlpExperts(keras.layers.Layer):
     Args:
         num_experts: int. `E`.
         hidden_dim: int. `h`, the hidden width of each expert.
-        activation: str. Defaults to `"gelu"`.
+        activation: str or callable. A Keras activation. Defaults to
+            `"gelu"`.
         dropout_rate: float. Dropout after the activation and on the output.
             Defaults to 0.
         identical_init: bool. Initialise all experts with the same weights.
@@ -87,11 +88,15 @@ class MlpExperts(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.hidden_dim = check_positive_int("hidden_dim", hidden_dim)
-        if not 0 <= dropout_rate < 1:
-            raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate!r}.")
-        self.activation = keras.activations.get(activation)
-        self.dropout_rate = float(dropout_rate)
-        self.identical_init = bool(identical_init)
+        self.dropout_rate = check_rate("dropout_rate", dropout_rate)
+        try:
+            self.activation = keras.activations.get(activation)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"`activation` must be the name of a Keras activation (e.g. "
+                f"'gelu', 'relu', 'silu') or a callable, got {activation!r}."
+            ) from None
+        self.identical_init = check_bool("identical_init", identical_init)
         self.seed = seed
         self.dropout = keras.layers.Dropout(dropout_rate, seed=seed, name="dropout")
 

@@ -87,12 +87,14 @@ def atomic_file(path):
 
     Example:
     >>> import os, tempfile
-    >>> target = os.path.join(tempfile.mkdtemp(), "note.txt")
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> target = os.path.join(folder.name, "note.txt")
     >>> with atomic_file(target) as tmp:
     ...     with open(tmp, "w") as f:
     ...         _ = f.write("done")
-    >>> open(target).read(), os.listdir(os.path.dirname(target))
+    >>> open(target).read(), os.listdir(folder.name)
     ('done', ['note.txt'])
+    >>> folder.cleanup()
     """
     path = os.path.realpath(os.fspath(path))
     if os.path.isdir(path):
@@ -157,12 +159,14 @@ def atomic_directory(path, marker="config.json", keep_existing=False):
 
     Example:
     >>> import os, tempfile
-    >>> target = os.path.join(tempfile.mkdtemp(), "preset")
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> target = os.path.join(folder.name, "preset")
     >>> with atomic_directory(target) as tmp:
     ...     with open(os.path.join(tmp, "config.json"), "w") as f:
     ...         _ = f.write("{}")
-    >>> os.listdir(target), os.listdir(os.path.dirname(target))
+    >>> os.listdir(target), os.listdir(folder.name)
     (['config.json'], ['preset'])
+    >>> folder.cleanup()
     """
     path = os.path.realpath(os.fspath(path))
     with _staging_lock:

@@ -95,7 +95,7 @@ def run(args):
     if args.filter:
         presets = {k: v for k, v in presets.items() if args.filter in k}
         if not presets:
-            raise UsageError(f"no preset name contains {args.filter!r}.")
+            raise UsageError(f"--filter: no preset name contains {args.filter!r}.")
     if args.json:
         print(
             json.dumps(

@@ -24,12 +24,19 @@ _PACKAGE = "keras_vmoe"
 
 
 def _pair(value, name):
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}.")
-    return value
+    """`value` as `(int, int)`; a ValueError naming `name` unless ints >= 1."""
+    pair = (value, value) if isinstance(value, int) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair
+    ):
+        raise ValueError(
+            f"`{name}` must be an int >= 1 or a pair of them, got {value!r}."
+        )
+    return pair
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

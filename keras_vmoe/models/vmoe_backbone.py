@@ -5,6 +5,11 @@ from keras_hub.models import Backbone
 
 from keras_vmoe.models import vit_layers
 from keras_vmoe.models.encoder_block import EncoderBlock
+from keras_vmoe.routers.base import (
+    check_positive_float,
+    check_positive_int,
+    check_rate,
+)
 
 _PLACEMENT_HELP = (
     "Give a list of block indices (0-based), or one of: 'every:n' (blocks "
@@ -188,17 +193,30 @@ class VisionMoEBackbone(Backbone):
     ):
         kwargs.setdefault("name", "vision_moe_backbone")
         # === Validation ===
-        image_shape = tuple(int(s) for s in image_shape)
-        if len(image_shape) != 3:
-            raise ValueError(
-                f"`image_shape` must be (height, width, channels), got {image_shape}."
-            )
+        image_shape = _check_image_shape(image_shape)
         ph, pw = vit_layers._pair(patch_size, "patch_size")
         if image_shape[0] % ph or image_shape[1] % pw:
             raise ValueError(
-                f"Image size {image_shape[:2]} must be divisible by the patch "
-                f"size {(ph, pw)}."
+                f"Image size {image_shape[:2]} (`image_shape`) must be divisible "
+                f"by the patch size {(ph, pw)} (`patch_size`)."
             )
+        for arg, value in (
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("hidden_dim", hidden_dim),
+            ("mlp_dim", mlp_dim),
+        ):
+            check_positive_int(arg, value)
+        if expert_hidden_dim is not None:
+            check_positive_int("expert_hidden_dim", expert_hidden_dim)
+        for arg, value in (
+            ("dropout_rate", dropout_rate),
+            ("attention_dropout", attention_dropout),
+        ):
+            check_rate(arg, value)
+        if expert_dropout_rate is not None:
+            check_rate("expert_dropout_rate", expert_dropout_rate)
+        check_positive_float("layer_norm_epsilon", layer_norm_epsilon)
         if pooling not in ("token", "gap"):
             raise ValueError(f"`pooling` must be 'token' or 'gap', got {pooling!r}.")
         if pooling == "token" and not use_class_token:
@@ -214,18 +232,18 @@ class VisionMoEBackbone(Backbone):
             moe_indices = ()
         else:
             _check_router_name(router)
-            if num_experts is None or int(num_experts) < 1:
+            if num_experts is None:
                 raise ValueError(
-                    f"`num_experts` must be a positive int with a router, got "
-                    f"{num_experts!r}."
+                    "`num_experts` must be a positive int with a router, got None."
                 )
-            if int(group_size) != group_size or group_size < 1:
-                raise ValueError(
-                    f"`group_size` (images per group) must be an int >= 1, got "
-                    f"{group_size!r}."
-                )
+            check_positive_int("num_experts", num_experts)
+            check_positive_int("group_size", group_size)
+            _check_router_config(router, router_config)
             spec = "every:2" if moe_layers is None else moe_layers
-            moe_indices = parse_moe_layers(spec, num_layers)
+            try:
+                moe_indices = parse_moe_layers(spec, num_layers)
+            except ValueError as e:
+                raise ValueError(f"`moe_layers`: {e}") from None
         num_patches = (image_shape[0] // ph) * (image_shape[1] // pw)
         seq_len = num_patches + int(bool(use_class_token))
 
@@ -416,6 +434,35 @@ class VisionMoEBackbone(Backbone):
         )
 
 
+def _check_image_shape(image_shape):
+    try:
+        shape = tuple(image_shape)
+        valid = len(shape) == 3 and all(
+            not isinstance(s, bool) and int(s) == s >= 1 for s in shape
+        )
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(
+            "`image_shape` must be (height, width, channels) of positive ints, "
+            f"got {image_shape!r}."
+        )
+    return tuple(int(s) for s in shape)
+
+
+def _check_router_config(router, router_config):
+    if router_config is None:
+        return
+    if not isinstance(router_config, dict):
+        raise ValueError(
+            "`router_config` must be a dict of router arguments or None, got "
+            f"{router_config!r}."
+        )
+    from keras_vmoe.routers.registry import check_router_arguments
+
+    check_router_arguments(router, router_config, reserved=("num_experts", "name"))
+
+
 def _check_router_name(router):
     if not isinstance(router, str):
         raise ValueError(f"`router` must be a router name or None, got {router!r}.")
@@ -429,5 +476,6 @@ def _check_router_name(router):
         close = difflib.get_close_matches(router, ROUTER_NAMES, n=3, cutoff=0.4)
         hint = f" Did you mean {close}?" if close else ""
         raise ValueError(
-            f"Unknown router {router!r}.{hint} Known routers: {list(ROUTER_NAMES)}."
+            f"Unknown `router` {router!r}.{hint} Known routers: "
+            f"{list(ROUTER_NAMES)}, or None for a dense ViT."
         )

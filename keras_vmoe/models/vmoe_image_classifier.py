@@ -1,6 +1,7 @@
 """`VisionMoEImageClassifier`: pooled V-MoE features -> pre-logits -> head."""
 
 import math
+import numbers
 
 import keras
 from keras import ops
@@ -8,6 +9,7 @@ from keras_hub.models import ImageClassifier
 from keras_hub.src.models.task import Task
 
 from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
+from keras_vmoe.routers.base import check_positive_int, check_rate
 
 _LOSS_TYPES = ("softmax", "sigmoid")
 _ACTIVATIONS = (None, "softmax", "sigmoid")
@@ -172,6 +174,10 @@ class VisionMoEImageClassifier(ImageClassifier):
         **kwargs,
     ):
         kwargs.setdefault("name", "vision_moe_image_classifier")
+        if not isinstance(backbone, VisionMoEBackbone):
+            raise ValueError(
+                f"`backbone` must be a VisionMoEBackbone, got {backbone!r}."
+            )
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"`activation` must be one of {_ACTIVATIONS}, got {activation!r}."
@@ -185,9 +191,18 @@ class VisionMoEImageClassifier(ImageClassifier):
             raise ValueError(
                 f"`activation={activation!r}` does not match `loss_type={loss_type!r}`."
             )
-        if int(num_classes) != num_classes or num_classes < 1:
+        check_positive_int("num_classes", num_classes)
+        if representation_size is not None:
+            check_positive_int("representation_size", representation_size)
+        check_rate("dropout", dropout)
+        if head_bias_init is not None and not (
+            isinstance(head_bias_init, numbers.Real)
+            and not isinstance(head_bias_init, bool)
+            and math.isfinite(head_bias_init)
+        ):
             raise ValueError(
-                f"`num_classes` must be a positive int, got {num_classes!r}."
+                f"`head_bias_init` must be a finite number or None, got "
+                f"{head_bias_init!r}."
             )
         bias = head_bias_init
         if bias is None:

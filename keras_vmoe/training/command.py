@@ -435,7 +435,9 @@ def _build_model(cfg, num_classes):
     try:
         return preset_loader.load_classifier(folder, **overrides)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        raise _usage(f"cannot build the model: {one_line(e)}") from None
+        raise _usage(
+            f"cannot build the model from --preset and --override: {one_line(e)}"
+        ) from None
 
 
 def _plan(cfg, num_train):

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_vmoe.routers.base import check_rate
+
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class SigmoidCrossEntropy(keras.losses.Loss):
@@ -36,12 +38,8 @@ class SigmoidCrossEntropy(keras.losses.Loss):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(
-                f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}."
-            )
+        self.label_smoothing = check_rate("label_smoothing", label_smoothing)
         self.from_logits = bool(from_logits)
-        self.label_smoothing = float(label_smoothing)
 
     def call(self, y_true, y_pred):
         y_pred = ops.cast(y_pred, "float32")

@@ -9,9 +9,13 @@ match wins; no match: no decay). The update is Keras' decoupled form
 reference's optax chain.
 """
 
+import numbers
 import re
 
 import keras
+import numpy as np
+
+from keras_vmoe.routers.base import check_positive_float
 
 # V-MoE: 0.1 on every kernel (dense, conv, expert and gating kernels).
 VMOE_WEIGHT_DECAY = ((r"kernel$", 0.1),)
@@ -22,6 +26,22 @@ SOFT_MOE_WEIGHT_DECAY = (
     (r"kernel$", 0.03),
     (r"(^|/)scale$", 0.03),
 )
+
+
+def _check_hyperparameter(name, value, accepted, low, high):
+    """Raises a ValueError naming `name` for a bad number (or a non-number).
+
+    A callable (e.g. a learning-rate schedule) or a tensor is left to Keras.
+    Numbers must be > `low` (>= `low` when `high` is given) and < `high`.
+    """
+    if callable(value) or hasattr(value, "dtype") and not np.isscalar(value):
+        return
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        valid = low <= value < high if high is not None else value > low
+    else:
+        valid = False
+    if not valid:
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -57,6 +77,13 @@ class DecoupledWeightDecayAdam(keras.optimizers.Adam):
         **kwargs,
     ):
         kwargs.pop("weight_decay", None)
+        # Keras also takes tensors and callables for these: check numbers only.
+        _check_hyperparameter("learning_rate", learning_rate, "a number > 0", 0, None)
+        _check_hyperparameter("beta_1", beta_1, "a number in [0, 1)", 0, 1)
+        _check_hyperparameter("beta_2", beta_2, "a number in [0, 1)", 0, 1)
+        _check_hyperparameter("epsilon", epsilon, "a number > 0", 0, None)
+        if global_clipnorm is not None:
+            check_positive_float("global_clipnorm", global_clipnorm)
         super().__init__(
             learning_rate=learning_rate,
             beta_1=beta_1,
@@ -65,9 +92,21 @@ class DecoupledWeightDecayAdam(keras.optimizers.Adam):
             global_clipnorm=global_clipnorm,
             **kwargs,
         )
+        if isinstance(weight_decay_rules, str):
+            raise ValueError(
+                "`weight_decay_rules` must be a sequence of (regex, rate >= 0) "
+                f"pairs, got the string {weight_decay_rules!r}."
+            )
         rules = []
         for rule in weight_decay_rules or ():
-            if len(rule) != 2 or not isinstance(rule[0], str) or not rule[1] >= 0:
+            if (
+                not isinstance(rule, (tuple, list))
+                or len(rule) != 2
+                or not isinstance(rule[0], str)
+                or not isinstance(rule[1], numbers.Real)
+                or isinstance(rule[1], bool)
+                or not rule[1] >= 0
+            ):
                 raise ValueError(
                     "`weight_decay_rules` must be (regex, rate >= 0) pairs, got "
                     f"{rule!r}."

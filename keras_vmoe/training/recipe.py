@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_vmoe.routers.base import check_rate
 from keras_vmoe.training.losses import SigmoidCrossEntropy
 from keras_vmoe.training.optimizer import (
     SOFT_MOE_WEIGHT_DECAY,
@@ -71,12 +72,8 @@ class SoftmaxCrossEntropy(keras.losses.Loss):
         self, from_logits=True, label_smoothing=0.0, name="softmax_cross_entropy", **kw
     ):
         super().__init__(name=name, **kw)
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(
-                f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}."
-            )
+        self.label_smoothing = check_rate("label_smoothing", label_smoothing)
         self.from_logits = bool(from_logits)
-        self.label_smoothing = float(label_smoothing)
 
     def call(self, y_true, y_pred):
         y_pred = ops.cast(y_pred, "float32")
@@ -169,6 +166,11 @@ def make_schedule(
             peak_learning_rate, total_steps, warmup_steps, timescale, cooldown_steps
         )
     if schedule == "cosine":
+        if not 0 <= end_learning_rate <= peak_learning_rate:
+            raise ValueError(
+                "`end_learning_rate` must be in [0, peak_learning_rate] for the "
+                f"cosine schedule, got {end_learning_rate!r}."
+            )
         return warmup_cosine(
             peak_learning_rate,
             total_steps,

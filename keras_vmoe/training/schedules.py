@@ -14,11 +14,15 @@ warmup_steps=...)`; `warmup_cosine()` below builds it.
 import keras
 from keras import ops
 
+from keras_vmoe.routers.base import (
+    check_non_negative,
+    check_positive_float,
+    check_positive_int,
+)
+
 
 def _check(name, value, minimum=0):
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return int(value)
+    return check_positive_int(name, value, minimum)
 
 
 def _warmup(step, warmup_steps):
@@ -36,10 +40,11 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
     `end + (peak - end) * (1 - progress)`.
 
     Args:
-        peak_learning_rate: float. The rate at the end of the warmup.
-        total_steps: int. Steps of the whole run.
-        warmup_steps: int. Defaults to 10000 (V-MoE).
-        end_learning_rate: float. Defaults to 1e-5 (V-MoE).
+        peak_learning_rate: float > 0. The rate at the end of the warmup.
+        total_steps: int >= 1. Steps of the whole run.
+        warmup_steps: int >= 0, less than `total_steps`. Defaults to 10000
+            (V-MoE).
+        end_learning_rate: float >= 0. Defaults to 1e-5 (V-MoE).
 
     Example:
     >>> schedule = WarmupLinearDecay(1e-3, total_steps=100, warmup_steps=10)
@@ -54,7 +59,9 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         warmup_steps=10_000,
         end_learning_rate=1e-5,
     ):
-        self.peak_learning_rate = float(peak_learning_rate)
+        self.peak_learning_rate = check_positive_float(
+            "peak_learning_rate", peak_learning_rate
+        )
         self.total_steps = _check("total_steps", total_steps, 1)
         self.warmup_steps = _check("warmup_steps", warmup_steps)
         if self.warmup_steps >= self.total_steps:
@@ -62,7 +69,9 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
                 f"`warmup_steps` ({warmup_steps}) must be less than `total_steps` "
                 f"({total_steps})."
             )
-        self.end_learning_rate = float(end_learning_rate)
+        self.end_learning_rate = check_non_negative(
+            "end_learning_rate", end_learning_rate
+        )
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
@@ -115,7 +124,9 @@ class WarmupRsqrtCooldown(keras.optimizers.schedules.LearningRateSchedule):
         timescale=10_000,
         cooldown_steps=50_000,
     ):
-        self.peak_learning_rate = float(peak_learning_rate)
+        self.peak_learning_rate = check_positive_float(
+            "peak_learning_rate", peak_learning_rate
+        )
         self.total_steps = _check("total_steps", total_steps, 1)
         self.warmup_steps = _check("warmup_steps", warmup_steps)
         self.timescale = _check("timescale", timescale, 1)
@@ -156,11 +167,14 @@ def warmup_cosine(
         peak_learning_rate: float.
         total_steps: int.
         warmup_steps: int. Defaults to 10000.
-        end_fraction: float. Final rate as a fraction of the peak. Defaults
-            to 0.
+        end_fraction: float in [0, 1]. Final rate as a fraction of the peak.
+            Defaults to 0.
     """
+    check_positive_float("peak_learning_rate", peak_learning_rate)
     warmup_steps = _check("warmup_steps", warmup_steps)
     total_steps = _check("total_steps", total_steps, warmup_steps + 1)
+    if not check_non_negative("end_fraction", end_fraction) <= 1:
+        raise ValueError(f"`end_fraction` must be in [0, 1], got {end_fraction!r}.")
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0,
         decay_steps=total_steps - warmup_steps,

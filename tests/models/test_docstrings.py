@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "keras_vmoe.models",
+    "keras_vmoe.models.atomic",
     "keras_vmoe.models.cost",
     "keras_vmoe.models.encoder_block",
     "keras_vmoe.models.preset_loader",

@@ -68,4 +68,6 @@ def test_json_and_filter(capsys):
 def test_filter_without_match_is_a_one_line_error(capsys):
     assert cli.main(["presets", "--filter", "resnet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["keras-vmoe presets: error: no preset name contains 'resnet'."]
+    assert err == [
+        "keras-vmoe presets: error: --filter: no preset name contains 'resnet'."
+    ]
