@@ -48,7 +48,12 @@ With the JAX backend, `keras.distribution` expresses this in a few lines:
 - `ModelParallel` applies the layout map to the weights and splits each
   batch along the batch axis. The MoE layers also constrain the tokens they
   dispatch `(E, G, C, d)` to the expert axis, so XLA moves tokens to the
-  experts (an all-to-all) rather than gathering every expert on every device.
+  experts rather than gathering every expert on every device. Routing works
+  within each group, so it stays on the group's devices. On a 1-D mesh where
+  the batch and the experts share one axis (V-MoE's layout), dispatch and
+  combine are each one all-to-all; on the `(batch, expert)` mesh below each
+  device already holds the tokens of its batch row, and combine sums the
+  experts' outputs along the expert axis.
 
 No accelerator at hand? On a CPU, XLA can pretend to have several devices:
 the setup cell asks for 8 before JAX starts. On GPUs or TPUs the flag changes

@@ -119,6 +119,7 @@ class MoE(keras.layers.Layer):
 
     def build(self, input_shape):
         group_shape = self._group_shape(input_shape)
+        self._expert_mesh()  # checks E against the mesh before weights exist
         if not self.router.built:
             self.router.build(group_shape)
         if not self.experts.built:
@@ -167,25 +168,37 @@ class MoE(keras.layers.Layer):
             getattr(self, name).assign(ops.cast(stats[name], "float32"))
         return ops.reshape(ops.cast(outputs, x.dtype), ops.shape(x))
 
-    def _shard_on_experts(self, x):
-        """Constrains an expert-major `(E, G, ...)` tensor to the expert axis."""
+    def _expert_mesh(self):
+        """`(distribution, axis sizes)` when the experts are sharded, else None.
+
+        Raises a clear error when the expert axis does not divide the number
+        of experts (rather than the backend's error about array tiling).
+        """
         if self.expert_axis is None or keras.backend.backend() != "jax":
-            return x
+            return None
         distribution = keras.distribution.distribution()
         if distribution is None:
-            return x
+            return None
         mesh = distribution.device_mesh
         sizes = dict(zip(mesh.axis_names, mesh.shape))
         if self.expert_axis not in sizes:
-            return x
-        num_experts = x.shape[0]
+            return None
+        num_experts = self.experts.num_experts
         if num_experts % sizes[self.expert_axis]:
             raise ValueError(
-                f"Layer {self.name!r}: {num_experts} experts cannot be sharded on "
+                f"Layer {self.path!r}: {num_experts} experts cannot be sharded on "
                 f"mesh axis {self.expert_axis!r} of size "
                 f"{sizes[self.expert_axis]}; the axis size must divide the "
-                "number of experts."
+                "number of experts (change `num_experts` or the device mesh)."
             )
+        return distribution, sizes
+
+    def _shard_on_experts(self, x):
+        """Constrains an expert-major `(E, G, ...)` tensor to the expert axis."""
+        expert_mesh = self._expert_mesh()
+        if expert_mesh is None:
+            return x
+        distribution, sizes = expert_mesh
         axes = [self.expert_axis] + [None] * (len(x.shape) - 1)
         batch_axis = distribution.batch_dim_name
         num_groups = x.shape[1]
@@ -196,7 +209,7 @@ class MoE(keras.layers.Layer):
             and num_groups % sizes[batch_axis] == 0
         ):
             axes[1] = batch_axis
-        layout = keras.distribution.TensorLayout(axes, mesh)
+        layout = keras.distribution.TensorLayout(axes, distribution.device_mesh)
         return keras.distribution.distribute_tensor(x, layout)
 
     @staticmethod
