@@ -15,29 +15,73 @@ _ADAM_BETA_2 = 0.999
 _ADAM_EPSILON = 1e-8
 
 
-def _scatter_last_axis(values, indices, n):
-    """Dense `(..., n)` tensor with `values` at `indices` along the last axis.
+def _top_k_and_threshold(x, k, lower_bound=None):
+    """The `k` largest entries of each row and their simplex threshold.
 
     Args:
-        values: float tensor `(..., k)`.
-        indices: int tensor `(..., k)`. Distinct positions in `[0, n)` per row.
-        n: int. Length of the output's last axis.
+        x: float32 tensor `(..., n)` without -0.0 entries (see
+            `_canonical_zeros`).
+        k: int. `1 <= k <= n`.
+        lower_bound: float32 tensor `(..., 1)` or None. A value that at
+            least `k` entries of each row reach (e.g. the minimum over any
+            `k` entries). Entries below it cannot be among the `k` largest,
+            so they are hidden from the top-k, which is then cheaper on XLA
+            CPU (about half the time for 520 entries and k = 36) and gives
+            the same result.
 
     Returns:
-        float32 tensor `(..., n)`, zero where no index points.
+        `(values, indices, tau)`: `(..., k)` sorted by decreasing value (on
+        ties the lower index first), `(..., k)` int32, and the threshold
+        `(..., 1)` of the simplex projection of `values`.
     """
-    lead_shape = ops.shape(values)[:-1]
-    k = values.shape[-1]
-    flat_values = ops.reshape(values, (-1,))  # (M * k,)
-    columns = ops.reshape(ops.cast(indices, "int32"), (-1, k))  # (M, k)
-    rows = ops.arange(ops.shape(columns)[0], dtype="int32")[:, None]  # (M, 1)
-    rows = ops.broadcast_to(rows, ops.shape(columns))  # (M, k)
-    coords = ops.stack([ops.reshape(rows, (-1,)), ops.reshape(columns, (-1,))], 1)
-    zeros = ops.zeros((ops.shape(columns)[0], n), "float32")  # (M, n)
-    # `scatter_update` (not `scatter`, a Python loop on torch): vectorised on
-    # every backend; the positions are distinct, so no accumulation is needed.
-    dense = ops.scatter_update(zeros, coords, flat_values)  # (M, n)
-    return ops.reshape(dense, (*lead_shape, n))
+    if lower_bound is not None:
+        x = ops.where(ops.greater_equal(x, lower_bound), x, float("-inf"))  # (..., n)
+    values, indices = top_k(x, k)  # (..., k), sorted by decreasing value
+    # Simplex threshold tau = max_j (sum_{i<=j} v_i - 1) / j over the sorted
+    # top-k values: the maximum sits at the support size of the projection.
+    ranks = ops.arange(1, k + 1, dtype="float32")  # (k,)
+    cumsum = ops.cumsum(values, axis=-1)  # (..., k)
+    tau = ops.max((cumsum - 1.0) / ranks, axis=-1, keepdims=True)  # (..., 1)
+    return values, indices, tau
+
+
+def _projection_from_top_k(x, values, indices, tau):
+    """Dense k-sparse projection `relu(x - tau)` on the top-k entries, else 0.
+
+    The top-k set is rebuilt with a comparison instead of a scatter: the
+    entries above the k-th value, plus the entries equal to it up to the
+    k-th index (the top-k takes ties lowest index first, so these are
+    exactly the ones it took).
+
+    Args:
+        x: float32 tensor `(..., n)`, without -0.0 entries.
+        values, indices, tau: the outputs of `_top_k_and_threshold(x, k)`.
+
+    Returns:
+        float32 tensor `(..., n)`.
+    """
+    # The k-th value and index, by reductions over all k entries: slicing
+    # out the last one would stop XLA from keeping its fast TopK (it then
+    # sorts whole rows, about 8x slower on CPU).
+    kth_value = ops.min(values, axis=-1, keepdims=True)  # (..., 1)
+    kth_index = ops.max(
+        ops.where(ops.equal(values, kth_value), indices, -1), axis=-1, keepdims=True
+    )  # (..., 1): the largest index among the top-k ties at the k-th value
+    positions = ops.arange(x.shape[-1], dtype="int32")  # (n,)
+    in_top_k = ops.logical_or(
+        ops.greater(x, kth_value),
+        ops.logical_and(ops.equal(x, kth_value), ops.less_equal(positions, kth_index)),
+    )  # (..., n)
+    return ops.where(in_top_k, ops.relu(x - tau), 0.0)  # (..., n)
+
+
+def _canonical_zeros(x):
+    """`x` with -0.0 replaced by +0.0, so that ties compare alike everywhere.
+
+    XLA's top-k ranks +0.0 above -0.0 while comparisons treat them as equal;
+    `x + 0.0` is not enough (XLA folds it away).
+    """
+    return ops.where(ops.equal(x, 0.0), 0.0, x)
 
 
 def ksparse_simplex_projection(x, k, axis=-1):
@@ -46,10 +90,10 @@ def ksparse_simplex_projection(x, k, axis=-1):
     Solves `argmin_p ||p - x||^2` over probability vectors `p` (non-negative,
     summing to 1) with at most `k` non-zero entries, independently along
     `axis`. The solution keeps the `k` largest entries of `x` (on ties the
-    lower index wins, on every backend), projects them onto the ordinary
-    simplex with the sort-based algorithm and sets every other entry to 0
-    (Kyrillidis et al., ICML 2013, https://arxiv.org/abs/1206.1529).
-    Computed in float32.
+    lower index wins, on every backend; -0.0 ties with 0.0), projects them
+    onto the ordinary simplex with the sort-based algorithm and sets every
+    other entry to 0 (Kyrillidis et al., ICML 2013,
+    https://arxiv.org/abs/1206.1529). Computed in float32.
 
     Args:
         x: tensor. Values to project, any float dtype, rank >= 1.
@@ -74,19 +118,10 @@ def ksparse_simplex_projection(x, k, axis=-1):
         raise ValueError(f"`x` must have rank >= 1, got shape {tuple(x.shape)}.")
     if not isinstance(axis, int) or not -len(x.shape) <= axis < len(x.shape):
         raise ValueError(f"`axis` {axis!r} is out of range for rank {len(x.shape)}.")
-    x = ops.moveaxis(ops.cast(x, "float32"), axis, -1)  # (..., n)
-    n = x.shape[-1]
-    k = min(k, n)
-    values, indices = top_k(x, k)  # (..., k), sorted by decreasing value
-    # Simplex threshold tau = max_j (sum_{i<=j} v_i - 1) / j over the sorted
-    # top-k values: the maximum sits at the support size of the projection.
-    ranks = ops.arange(1, k + 1, dtype="float32")  # (k,)
-    cumsum = ops.cumsum(values, axis=-1)  # (..., k)
-    tau = ops.max((cumsum - 1.0) / ranks, axis=-1, keepdims=True)  # (..., 1)
-    # Scatter relu(v - tau) back to the top-k positions (linear in k; the
-    # indices are distinct, so ties at the k-th value never add entries).
-    kept = ops.relu(values - tau)  # (..., k)
-    projected = _scatter_last_axis(kept, indices, n)  # (..., n)
+    x = _canonical_zeros(ops.moveaxis(ops.cast(x, "float32"), axis, -1))  # (..., n)
+    k = min(k, x.shape[-1])
+    values, indices, tau = _top_k_and_threshold(x, k)  # (..., k), (..., k), (..., 1)
+    projected = _projection_from_top_k(x, values, indices, tau)  # (..., n)
     return ops.moveaxis(projected, -1, axis)
 
 
@@ -142,29 +177,69 @@ def sparse_ot_plan(similarity, k, num_steps=20, learning_rate=0.01):
     similarity = ops.convert_to_tensor(similarity)
     check_rank(similarity, 3, "similarity", "(groups, tokens, experts)")
     similarity = ops.cast(ops.stop_gradient(similarity), "float32")  # (G, S, E)
+    num_tokens = similarity.shape[1]
+    k = min(k, num_tokens)
+    plan_t, _, _ = _solve_transposed(similarity, k, num_steps, learning_rate)
+    plan = ops.transpose(plan_t, (0, 2, 1))  # (G, S, E)
+    return ops.stop_gradient(plan)
+
+
+def _solve_transposed(similarity, k, num_steps, learning_rate):
+    """Runs the Adam solve of `sparse_ot_plan`, expert-major.
+
+    Each step needs the top-k tokens of every expert column of
+    `z = (alpha + s_j) / b`. From the second step on, the previous step's
+    top-k tokens bound the new k-th value from below (they are k tokens, so
+    the k-th largest value is at least their minimum at the new `alpha`);
+    tokens below that bound are hidden from the top-k, which gives the same
+    tokens and values in about half the time on XLA CPU.
+
+    Args:
+        similarity: float32 tensor `(G, S, E)`, no gradient.
+        k: int. `1 <= k <= S`.
+        num_steps: int. Adam steps.
+        learning_rate: float. Adam learning rate.
+
+    Returns:
+        `(plan_t, values, indices)`: the transposed plan `P^T` `(G, E, S)`
+        at the final `alpha`, and each expert column's top-k values of
+        `z` (decreasing) and token indices `(G, E, k)`, from which `P^T` is
+        `b * relu(values - tau)` at `indices`.
+    """
     num_tokens, num_experts = similarity.shape[1], similarity.shape[2]
     b = num_tokens / num_experts  # expert marginal (gamma = 1)
     # Expert-major layout, so each projection runs along the last axis.
-    similarity_t = ops.transpose(similarity, (0, 2, 1))  # (G, E, S)
+    similarity_t = _canonical_zeros(ops.transpose(similarity, (0, 2, 1)))  # (G, E, S)
 
-    def plan_t_at(alpha):
-        """Transposed plan `P^T[j] = b * p_j` `(G, E, S)` at `alpha` `(G, S)`."""
-        scaled = (alpha[:, None, :] + similarity_t) / b  # (G, E, S)
-        return b * ksparse_simplex_projection(scaled, k)  # (G, E, S)
+    def project(alpha, previous_indices):
+        """Top-k of `z = (alpha + s_j) / b` and the plan `P^T` `(G, E, S)`."""
+        z = (alpha[:, None, :] + similarity_t) / b  # (G, E, S)
+        lower_bound = None
+        if previous_indices is not None:
+            previous = ops.take_along_axis(z, previous_indices, axis=2)  # (G, E, k)
+            lower_bound = ops.min(previous, axis=2, keepdims=True)  # (G, E, 1)
+        values, indices, tau = _top_k_and_threshold(z, k, lower_bound)
+        plan_t = b * _projection_from_top_k(z, values, indices, tau)  # (G, E, S)
+        return plan_t, values, indices
 
-    def adam_step(step, state):
+    def adam_step(step, state, previous_indices):
         """One bias-corrected Adam step on the semi-dual objective."""
         alpha, m, v = state  # each (G, S)
-        grad = ops.sum(plan_t_at(alpha), axis=1) - 1.0  # (G, S): rowsum(P) - 1
+        plan_t, _, indices = project(alpha, previous_indices)
+        grad = ops.sum(plan_t, axis=1) - 1.0  # (G, S): rowsum(P) - 1
         m = _ADAM_BETA_1 * m + (1.0 - _ADAM_BETA_1) * grad
         v = _ADAM_BETA_2 * v + (1.0 - _ADAM_BETA_2) * ops.square(grad)
         t = ops.cast(step + 1, "float32")
         m_hat = m / (1.0 - ops.power(_ADAM_BETA_1, t))
         v_hat = v / (1.0 - ops.power(_ADAM_BETA_2, t))
         alpha = alpha - learning_rate * m_hat / (ops.sqrt(v_hat) + _ADAM_EPSILON)
-        return alpha, m, v
+        return alpha, m, v, indices
 
     zeros = ops.zeros_like(similarity[:, :, 0])  # (G, S)
-    alpha, _, _ = ops.fori_loop(0, num_steps, adam_step, (zeros, zeros, zeros))
-    plan = ops.transpose(plan_t_at(alpha), (0, 2, 1))  # (G, S, E)
-    return ops.stop_gradient(plan)
+    # The first step has no previous top-k; the others carry theirs.
+    state = adam_step(0, (zeros, zeros, zeros), None)
+    state = ops.fori_loop(
+        1, num_steps, lambda step, st: adam_step(step, st[:3], st[3]), state
+    )
+    alpha, _, _, indices = state
+    return project(alpha, indices)

@@ -7,6 +7,7 @@ import pytest
 from keras import ops
 
 from keras_vmoe.ot import ksparse_simplex_projection, sparse_ot_plan
+from keras_vmoe.ot.sparse import _projection_from_top_k, _top_k_and_threshold
 
 
 def numpy_simplex_projection(v):
@@ -112,6 +113,57 @@ def test_ksparse_projection_bfloat16():
     np.testing.assert_allclose(ops.convert_to_numpy(p), [1.0, 0.0, 0.0, 0.0])
 
 
+def _tied_values(rng, shape, levels):
+    """float32 values on a coarse grid, so that many entries tie."""
+    return (rng.integers(-levels, levels + 1, size=shape) / levels).astype("float32")
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 20])
+def test_ksparse_projection_with_many_ties_matches_numpy(k):
+    rng = np.random.default_rng(10 + k)
+    for levels in (2, 5, 50):
+        x = _tied_values(rng, (7, 20), levels)
+        x[0, :4] = [0.0, -0.0, -0.0, 0.0]  # -0.0 ties with 0.0
+        p = ops.convert_to_numpy(ksparse_simplex_projection(x, k))
+        expected = np.stack([numpy_ksparse(row, k) for row in x])
+        np.testing.assert_allclose(p, expected, atol=1e-6)
+        assert np.all((p > 0).sum(axis=-1) <= k)
+
+
+def test_negative_zero_ties_with_zero():
+    x = np.array([[-0.0, 0.0, -0.0], [0.0, -0.0, -1.0]], "float32")
+    p = ops.convert_to_numpy(ksparse_simplex_projection(x, 1))
+    np.testing.assert_array_equal(p, [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def _bounded_top_k(x, k, lower_bound=None):
+    x = ops.convert_to_tensor(x)
+    values, indices, tau = _top_k_and_threshold(x, k, lower_bound)
+    dense = _projection_from_top_k(x, values, indices, tau)
+    return [ops.convert_to_numpy(t) for t in (values, indices, tau, dense)]
+
+
+@pytest.mark.parametrize("k", [1, 4, 9, 30])
+def test_lower_bound_gives_the_same_top_k(k):
+    # Any k entries of a row bound its k-th largest value from below; with
+    # such a bound (loose, or exactly the k-th value, ties included) the
+    # bounded top-k, threshold and projection equal the unbounded ones.
+    rng = np.random.default_rng(k)
+    for levels in (3, 1000):
+        x = _tied_values(rng, (2, 5, 30), levels)
+        unbounded = _bounded_top_k(x, k)
+        subset = np.stack([rng.permutation(30)[:k] for _ in range(10)]).reshape(2, 5, k)
+        loose = np.take_along_axis(x, subset, axis=-1).min(axis=-1, keepdims=True)
+        tight = unbounded[0][..., -1:]  # the k-th value itself
+        for bound in (loose, tight):
+            bounded = _bounded_top_k(x, k, ops.convert_to_tensor(bound))
+            for got, want in zip(bounded, unbounded):
+                np.testing.assert_array_equal(got, want)
+        # The projection is the k-sparse one.
+        expected = np.stack([numpy_ksparse(row, k) for row in x.reshape(-1, 30)])
+        np.testing.assert_allclose(unbounded[3].reshape(-1, 30), expected, atol=1e-6)
+
+
 def _softmax(x):
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -128,6 +180,33 @@ def test_sparse_ot_matches_numpy_adam():
     )
     expected = numpy_sparse_ot(similarity, 3, num_steps=3, learning_rate=0.2)
     np.testing.assert_allclose(plan, expected, atol=1e-5)
+
+
+def test_sparse_ot_bounded_top_k_changes_nothing(monkeypatch):
+    # The solver hides tokens below the previous step's top-k from each
+    # top-k. On inputs full of ties (coarse similarities, duplicated tokens)
+    # and on random ones, the plan equals, bit for bit, the plan of the same
+    # solver with every top-k over all tokens.
+    import keras_vmoe.ot.sparse as sparse_module
+
+    rng = np.random.default_rng(4)
+    tied = _tied_values(rng, (2, 16, 4), 4) * 0.5 + 0.5
+    tied[:, 8:] = tied[:, :8]
+    random = _softmax(rng.normal(size=(2, 40, 5))).astype("float32")
+    settings = [(tied, 3, 5), (tied, 4, 20), (tied, 9, 20), (random, 8, 20)]
+    bounded = [
+        ops.convert_to_numpy(sparse_ot_plan(s, k=k, num_steps=n))
+        for s, k, n in settings
+    ]
+    unbounded_top_k = sparse_module._top_k_and_threshold
+    monkeypatch.setattr(
+        sparse_module,
+        "_top_k_and_threshold",
+        lambda x, k, lower_bound=None: unbounded_top_k(x, k),
+    )
+    for plan, (s, k, n) in zip(bounded, settings):
+        expected = ops.convert_to_numpy(sparse_ot_plan(s, k=k, num_steps=n))
+        np.testing.assert_array_equal(plan, expected)
 
 
 def _best_balanced_assignment_value(s):
