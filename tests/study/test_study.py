@@ -260,15 +260,11 @@ def _check_png(path):
     assert image[..., :3].std() > 0.01  # not a blank canvas
 
 
-# JAX runs the whole quick study (7 models, about 80 s of compilation on a
-# cold cache, 30 s warm). TensorFlow leaves out Sinkhorn Token Choice, which
-# does not trace in a TF graph yet (`routers/allocation.py` `_check_scores`
-# compares shapes with an unknown batch dimension as Python bools); torch,
-# slow per step in eager mode, runs four models.
-if BACKEND == "jax":
+# JAX and TensorFlow run the whole quick study (7 models; JAX about 80 s of
+# compilation on a cold cache, 30 s warm); torch, slow per step in eager
+# mode, runs four models.
+if BACKEND in ("jax", "tensorflow"):
     QUICK_MODELS = MODEL_NAMES
-elif BACKEND == "tensorflow":
-    QUICK_MODELS = tuple(m for m in MODEL_NAMES if m != "sinkhorn_token_choice")
 else:
     QUICK_MODELS = ("dense", "softmax_token_choice", "softmax_expert_choice", "soft")
 
