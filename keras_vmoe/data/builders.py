@@ -11,23 +11,41 @@ import tensorflow_datasets as tfds
 
 from keras_vmoe.data import bundled
 
-_RELEASE_NOTES = {"1.0.0": "Initial release (keras_vmoe)."}
+
+class _BundledBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder whose examples come from `bundled.bundled_arrays(NAME, ...)`.
+
+    Subclasses set `NAME`, `IMAGE_SHAPE`, `CLASSES`, `DESCRIPTION` and
+    `HOMEPAGE`; preparing them never downloads anything.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release (keras_vmoe)."}
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            description=self.DESCRIPTION,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=self.IMAGE_SHAPE),
+                    "label": tfds.features.ClassLabel(names=list(self.CLASSES)),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage=self.HOMEPAGE,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing to download.
+        return {split: self._generate_examples(split) for split in ("train", "test")}
+
+    def _generate_examples(self, split):
+        images, labels = bundled.bundled_arrays(self.NAME, split)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            yield i, {"image": image, "label": int(label)}
 
 
-def _split_generators(builder):
-    return {
-        split: builder._generate_examples(split)  # noqa: SLF001
-        for split in ("train", "test")
-    }
-
-
-def _generate(name, split):
-    images, labels = bundled.bundled_arrays(name, split)
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        yield i, {"image": image, "label": int(label)}
-
-
-class AnimalMnist(tfds.core.GeneratorBasedBuilder):
+class AnimalMnist(_BundledBuilder):
     """Animal-MNIST: 10,000 real 28x28 grayscale animal silhouettes.
 
     Ten classes (bear, bird, cat, cow, dog, elephant, giraffe, horse, sheep,
@@ -49,36 +67,17 @@ class AnimalMnist(tfds.core.GeneratorBasedBuilder):
     ```
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = _RELEASE_NOTES
-
-    def _info(self):
-        return self.dataset_info_from_configs(
-            description=(
-                "Animal silhouettes in the format of MNIST (animal-mnist 0.4 "
-                "wheel). Seeded 80/20 split, random_state=42."
-            ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(28, 28, 1)),
-                    "label": tfds.features.ClassLabel(
-                        names=list(bundled.ANIMAL_MNIST_CLASSES)
-                    ),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://pypi.org/project/animal-mnist/",
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Nothing to download.
-        return _split_generators(self)
-
-    def _generate_examples(self, split):
-        yield from _generate("animal_mnist", split)
+    NAME = "animal_mnist"
+    IMAGE_SHAPE = (28, 28, 1)
+    CLASSES = bundled.ANIMAL_MNIST_CLASSES
+    DESCRIPTION = (
+        "Animal silhouettes in the format of MNIST (animal-mnist 0.4 wheel). "
+        "Seeded 80/20 split, random_state=42."
+    )
+    HOMEPAGE = "https://pypi.org/project/animal-mnist/"
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(_BundledBuilder):
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes).
 
     Pixel values 0..16 are rescaled to uint8 0..255 (`round(v * 255 / 16)`).
@@ -99,33 +98,14 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     ```
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = _RELEASE_NOTES
-
-    def _info(self):
-        return self.dataset_info_from_configs(
-            description=(
-                "sklearn.datasets.load_digits, rescaled to 0..255. Seeded "
-                "80/20 split, random_state=42."
-            ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(8, 8, 1)),
-                    "label": tfds.features.ClassLabel(
-                        names=list(bundled.DIGITS_CLASSES)
-                    ),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Nothing to download.
-        return _split_generators(self)
-
-    def _generate_examples(self, split):
-        yield from _generate("digits", split)
+    NAME = "digits"
+    IMAGE_SHAPE = (8, 8, 1)
+    CLASSES = bundled.DIGITS_CLASSES
+    DESCRIPTION = (
+        "sklearn.datasets.load_digits, rescaled to 0..255. Seeded 80/20 "
+        "split, random_state=42."
+    )
+    HOMEPAGE = "https://scikit-learn.org/stable/datasets/toy_dataset.html"
 
 
 BUILDERS = {"animal_mnist": AnimalMnist, "digits": Digits}
