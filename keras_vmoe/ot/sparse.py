@@ -184,6 +184,42 @@ def sparse_ot_plan(similarity, k, num_steps=20, learning_rate=0.01):
     return ops.stop_gradient(plan)
 
 
+def sparse_ot_plan_with_top_k(similarity, k, num_steps=20, learning_rate=0.01):
+    """`sparse_ot_plan`, plus each expert column's top-k tokens of the solve.
+
+    The solver's last step ranks the tokens of every expert column by
+    `z = (alpha + s_j) / b`; the plan is `b * relu(z - tau_j)` on the top `k`
+    of them and 0 elsewhere. This returns that ranking with the plan, so
+    that a caller ranking tokens by plan value (Expert Choice) can reuse it
+    instead of a second top-k: the plan is non-increasing along it.
+
+    Args:
+        similarity: tensor `(G, S, E)`, any float dtype.
+        k: int. Maximum number of non-zeros per expert column, `k <= S`.
+        num_steps: int. Number of Adam steps. Defaults to 20.
+        learning_rate: float. Adam learning rate. Defaults to 0.01.
+
+    Returns:
+        `(plan, top_tokens)`: the float32 plan `(G, S, E)` of
+        `sparse_ot_plan` and int32 `(G, E, k)`, each column's `k` tokens of
+        largest `z` in decreasing order (ties: lower index first), both
+        without gradient.
+    """
+    k = check_positive_int(k, "k")
+    num_steps = check_positive_int(num_steps, "num_steps")
+    learning_rate = check_positive_float(learning_rate, "learning_rate")
+    similarity = ops.convert_to_tensor(similarity)
+    check_rank(similarity, 3, "similarity", "(groups, tokens, experts)")
+    if k > similarity.shape[1]:
+        raise ValueError(f"`k` ({k}) must be at most S ({similarity.shape[1]}).")
+    similarity = ops.cast(ops.stop_gradient(similarity), "float32")  # (G, S, E)
+    plan_t, _, top_tokens = _solve_transposed(
+        similarity, k, num_steps, learning_rate
+    )  # (G, E, S), (G, E, k)
+    plan = ops.transpose(plan_t, (0, 2, 1))  # (G, S, E)
+    return ops.stop_gradient(plan), ops.stop_gradient(top_tokens)
+
+
 def _solve_transposed(similarity, k, num_steps, learning_rate):
     """Runs the Adam solve of `sparse_ot_plan`, expert-major.
 

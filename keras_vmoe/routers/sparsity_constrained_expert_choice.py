@@ -7,13 +7,14 @@ Liu, Puigcerver, Blondel, "Sparsity-Constrained Optimal Transport", ICLR 2023
 import keras
 from keras import ops
 
-from keras_vmoe.ot import sparse_ot_plan
+from keras_vmoe.ot import sparse_ot_plan, sparse_ot_plan_with_top_k
 from keras_vmoe.routers.allocation import expert_choice
 from keras_vmoe.routers.base import (
     DenseGatingRouter,
     check_positive_float,
     check_positive_int,
 )
+from keras_vmoe.routers.routing import Routing
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -74,11 +75,17 @@ class SparsityConstrainedExpertChoiceRouter(DenseGatingRouter):
     def call(self, x, training=False):
         _, logits = self.gating_logits(x, training)  # (G, S, E), noisy if enabled
         similarity = ops.softmax(logits, axis=-1)  # (G, S, E)
-        capacity = self.group_capacity(ops.shape(x)[1], training)
-        plan = sparse_ot_plan(
+        num_tokens = similarity.shape[1]
+        capacity = self.group_capacity(num_tokens, training)
+        if capacity > num_tokens:
+            plan = sparse_ot_plan(
+                similarity, capacity, self.num_steps, self.learning_rate
+            )  # (G, S, E), at most C non-zeros per expert column
+            return expert_choice(plan, capacity, combine_weights=similarity)
+        plan, top_tokens = sparse_ot_plan_with_top_k(
             similarity, capacity, self.num_steps, self.learning_rate
-        )  # (G, S, E), at most C non-zeros per expert column
-        return expert_choice(plan, capacity, combine_weights=similarity)
+        )  # (G, S, E), (G, E, C)
+        return _expert_choice_on_ranked_plan(plan, top_tokens, similarity)
 
     def get_config(self):
         config = super().get_config()
@@ -86,3 +93,51 @@ class SparsityConstrainedExpertChoiceRouter(DenseGatingRouter):
             {"num_steps": self.num_steps, "learning_rate": self.learning_rate}
         )
         return config
+
+
+def _expert_choice_on_ranked_plan(plan, top_tokens, combine_weights):
+    """`expert_choice(plan, C, combine_weights)`, reusing the solver's top-C.
+
+    Expert Choice on the plan takes, in each expert column, the `C` tokens
+    of largest plan value, in decreasing order with ties to the lower token
+    index. When the plan values at the solver's top-C tokens of every column
+    (`top_tokens`) are positive and strictly decreasing, these are exactly
+    those tokens in exactly that order, and no second top-k over all tokens
+    is needed. Otherwise (a column with fewer than C positive values, or
+    tied values) `expert_choice` runs; `ops.cond` runs only one of the two.
+
+    Args:
+        plan: float32 tensor `(G, S, E)`, at most `C` non-zeros per column.
+        top_tokens: int32 tensor `(G, E, C)`, from `sparse_ot_plan_with_top_k`.
+        combine_weights: float tensor `(G, S, E)`.
+
+    Returns:
+        A sparse `Routing` with `(G, E, C)` slots.
+    """
+    num_tokens, capacity = plan.shape[1], top_tokens.shape[2]
+    plan_t = ops.transpose(plan, (0, 2, 1))  # (G, E, S)
+    top_values = ops.take_along_axis(plan_t, top_tokens, axis=2)  # (G, E, C)
+    # Positive and strictly decreasing along `top_tokens` in every column:
+    # then these C tokens rank first by plan value (the other tokens' plan
+    # values are 0), in this order, with no ties to break.
+    positive = ops.all(top_values > 0.0)  # ()
+    decreasing = ops.all(top_values[..., :-1] > top_values[..., 1:])  # ()
+
+    def from_top_tokens():
+        weights_t = ops.transpose(ops.cast(combine_weights, "float32"), (0, 2, 1))
+        weights = ops.take_along_axis(weights_t, top_tokens, axis=2)  # (G, E, C)
+        return top_tokens, ops.ones_like(weights), weights
+
+    def from_expert_choice():
+        routing = expert_choice(plan, capacity, combine_weights=combine_weights)
+        return routing.slot_token, routing.slot_mask, routing.slot_weight
+
+    slot_token, slot_mask, slot_weight = ops.cond(
+        ops.logical_and(positive, decreasing), from_top_tokens, from_expert_choice
+    )  # (G, E, C) each
+    return Routing.sparse(
+        slot_token=slot_token,
+        slot_mask=slot_mask,
+        slot_weight=slot_weight,
+        num_tokens=num_tokens,
+    )

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_vmoe.ot import ksparse_simplex_projection, sparse_ot_plan
+from keras_vmoe.ot import (
+    ksparse_simplex_projection,
+    sparse_ot_plan,
+    sparse_ot_plan_with_top_k,
+)
 from keras_vmoe.ot.sparse import _projection_from_top_k, _top_k_and_threshold
 
 
@@ -207,6 +211,27 @@ def test_sparse_ot_bounded_top_k_changes_nothing(monkeypatch):
     for plan, (s, k, n) in zip(bounded, settings):
         expected = ops.convert_to_numpy(sparse_ot_plan(s, k=k, num_steps=n))
         np.testing.assert_array_equal(plan, expected)
+
+
+def test_plan_with_top_k_ranks_each_column():
+    rng = np.random.default_rng(8)
+    similarity = _softmax(rng.normal(size=(2, 30, 4))).astype("float32")
+    plan, top = sparse_ot_plan_with_top_k(similarity, k=9, num_steps=6)
+    plan, top = ops.convert_to_numpy(plan), ops.convert_to_numpy(top)
+    assert top.shape == (2, 4, 9) and top.dtype == np.int32
+    np.testing.assert_array_equal(
+        plan, ops.convert_to_numpy(sparse_ot_plan(similarity, k=9, num_steps=6))
+    )
+    for g in range(2):
+        for j in range(4):
+            column = plan[g, :, j]
+            assert len(set(top[g, j])) == 9
+            # Every non-zero is among the top tokens, and the plan does not
+            # increase along them.
+            assert set(np.flatnonzero(column)) <= set(top[g, j])
+            assert np.all(np.diff(column[top[g, j]]) <= 0.0)
+    with pytest.raises(ValueError, match="k"):
+        sparse_ot_plan_with_top_k(similarity, k=31)
 
 
 def _best_balanced_assignment_value(s):

@@ -271,6 +271,98 @@ def test_sparsity_constrained_solver_settings_and_no_noise_by_default():
     assert_routing(evaluation, np_expert_choice(plan, similarity, 4))
 
 
+def _sparse_router_and_reference(x, kernel, capacity):
+    """A built router with `kernel`, and expert_choice on its solver's plan."""
+    from keras_vmoe.routers.allocation import expert_choice
+
+    router = SparsityConstrainedExpertChoiceRouter(
+        kernel.shape[1], capacity=capacity, capacity_multiple_of=1
+    )
+    router.build(x.shape)
+    router.gating_kernel.assign(kernel)
+    similarity = ops.softmax(ops.matmul(x, kernel), axis=-1)
+    plan = sparse_ot_plan_for(x, kernel, capacity)
+    return router, expert_choice(plan, capacity, combine_weights=similarity)
+
+
+def sparse_ot_plan_for(x, kernel, capacity):
+    """The solver's plan on `softmax(x @ kernel)`, `(G, S, E)`."""
+    from keras_vmoe.ot import sparse_ot_plan
+
+    similarity = ops.softmax(ops.matmul(x, kernel), axis=-1)
+    return sparse_ot_plan(similarity, capacity)
+
+
+@pytest.fixture
+def marked_fallback(monkeypatch):
+    """Makes the router's fallback `expert_choice` return weights minus 10."""
+    from keras_vmoe.routers import sparsity_constrained_expert_choice as module
+    from keras_vmoe.routers.routing import Routing
+
+    unmarked = module.expert_choice
+
+    def marked(plan, capacity, combine_weights=None):
+        routing = unmarked(plan, capacity, combine_weights=combine_weights)
+        return Routing.sparse(
+            routing.slot_token,
+            routing.slot_mask,
+            routing.slot_weight - 10.0,
+            num_tokens=routing.num_tokens,
+        )
+
+    monkeypatch.setattr(module, "expert_choice", marked)
+
+
+def _tokens_match(routing, reference):
+    np.testing.assert_array_equal(np_(routing.slot_token), np_(reference.slot_token))
+    np.testing.assert_array_equal(np_(routing.slot_mask), np_(reference.slot_mask))
+
+
+def test_sparsity_constrained_reuses_the_solver_top_k(marked_fallback):
+    # Distinct positive plan values: the slots come from the solver's last
+    # top-k (no fallback, so no marked weights) and equal Expert Choice on
+    # the plan.
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 40, 8)).astype("float32")
+    kernel = rng.normal(size=(8, 5)).astype("float32")
+    router, reference = _sparse_router_and_reference(x, kernel, capacity=10)
+    routing = router(x)
+    _tokens_match(routing, reference)
+    np.testing.assert_array_equal(np_(routing.slot_weight), np_(reference.slot_weight))
+
+
+def test_sparsity_constrained_falls_back_on_tied_plan_values(marked_fallback):
+    # Duplicated tokens that expert 0 prefers tie in its plan column: the
+    # router falls back to Expert Choice on the plan (marked weights), which
+    # orders the tie by token index.
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 12, 8)).astype("float32")
+    kernel = rng.normal(size=(8, 4)).astype("float32")
+    x[:, 7] = x[:, 2] = 3.0 * kernel[:, 0] / np.linalg.norm(kernel[:, 0]) ** 2
+    router, reference = _sparse_router_and_reference(x, kernel, capacity=6)
+    routing = router(x)
+    _tokens_match(routing, reference)
+    np.testing.assert_allclose(
+        np_(routing.slot_weight), np_(reference.slot_weight) - 10.0, atol=1e-6
+    )
+
+
+def test_sparsity_constrained_falls_back_on_fewer_positive_values(marked_fallback):
+    # S = 2 tokens, E = 4 experts (b = 1/2), each token clearly preferring
+    # its own expert: experts 0 and 1 get one non-zero plan value, fewer
+    # than C = 2, so the fallback fills the zero-valued slot by token index.
+    x = 20.0 * np.eye(2, 4, dtype="float32")[None]  # (1, 2, 4)
+    kernel = np.eye(4, dtype="float32")
+    router, reference = _sparse_router_and_reference(x, kernel, capacity=2)
+    plan = ops.convert_to_numpy(sparse_ot_plan_for(x, kernel, capacity=2))
+    assert np.any((plan > 0).sum(axis=1) < 2)
+    routing = router(x)
+    _tokens_match(routing, reference)
+    np.testing.assert_allclose(
+        np_(routing.slot_weight), np_(reference.slot_weight) - 10.0, atol=1e-6
+    )
+
+
 # ----------------------------------------------------------------------------
 # Inside the MoE layer: training, config, saving.
 # ----------------------------------------------------------------------------
