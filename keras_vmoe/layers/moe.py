@@ -3,7 +3,8 @@
 import keras
 from keras import ops
 
-from keras_vmoe.routers.base import check_positive_int
+from keras_vmoe.routers.base import check_bool, check_positive_int
+from keras_vmoe.routers.registry import ROUTER_NAMES
 
 # Routing statistics kept as non-trainable variables, refreshed every call.
 STATISTICS = (
@@ -12,6 +13,12 @@ STATISTICS = (
     "experts_per_token",
     "load_imbalance",
 )
+
+
+def _has_num_experts(layer):
+    return isinstance(layer, keras.layers.Layer) and isinstance(
+        getattr(layer, "num_experts", None), int
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -77,10 +84,17 @@ class MoE(keras.layers.Layer):
             router = keras.layers.deserialize(router)
         if isinstance(experts, dict):
             experts = keras.layers.deserialize(experts)
-        if not isinstance(router, keras.layers.Layer):
-            raise ValueError(f"`router` must be a router layer, got {router!r}.")
-        if not isinstance(experts, keras.layers.Layer):
-            raise ValueError(f"`experts` must be an experts layer, got {experts!r}.")
+        if not _has_num_experts(router):
+            raise ValueError(
+                "`router` must be a router layer (one of `routers.get(name)` for "
+                f"{', '.join(ROUTER_NAMES)}, or a layer with an int `num_experts` "
+                f"whose call returns a `Routing`), got {router!r}."
+            )
+        if not _has_num_experts(experts):
+            raise ValueError(
+                "`experts` must be an experts layer with a `num_experts` "
+                f"attribute (e.g. `keras_vmoe.layers.MlpExperts`), got {experts!r}."
+            )
         if getattr(router, "num_experts", None) != getattr(
             experts, "num_experts", None
         ):
@@ -92,7 +106,9 @@ class MoE(keras.layers.Layer):
         self.router = router
         self.experts = experts
         self.group_size = check_positive_int("group_size", group_size)
-        self.use_einsum_dispatch = bool(use_einsum_dispatch)
+        self.use_einsum_dispatch = check_bool(
+            "use_einsum_dispatch", use_einsum_dispatch
+        )
         if expert_axis is not None and not isinstance(expert_axis, str):
             raise ValueError(
                 f"`expert_axis` must be a mesh axis name or None, got {expert_axis!r}."
