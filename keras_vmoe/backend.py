@@ -3,7 +3,7 @@
 Order-stable top-k: routers must agree on every backend, so ties must break
 the same way everywhere: on equal values the lower index wins.
 `jax.lax.top_k` and `tf.math.top_k` already guarantee this; `torch.topk`
-does not, so torch uses a stable descending sort instead.
+does not, so torch fixes up its ties (or sorts stably when k is large).
 
 Per-group gather and segment sum: routing indexes tokens within their own
 group. On JAX these are written as `vmap`s over the group axis, so XLA sees
@@ -29,11 +29,7 @@ def top_k(x, k):
         value; `indices` are int32.
     """
     if keras.backend.backend() == "torch":
-        import torch
-
-        x = ops.convert_to_tensor(x)
-        values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
-        return values[..., :k], indices[..., :k].to(torch.int32)
+        return _torch_top_k(ops.convert_to_tensor(x), k)
     if keras.backend.backend() == "jax" and keras.distribution.distribution():
         # Under a device mesh XLA replicates TopK (it all-gathers the whole
         # operand) but partitions a sort along its batch dimensions, so the
@@ -44,6 +40,48 @@ def top_k(x, k):
         return jnp.take_along_axis(x, indices, axis=-1), indices.astype("int32")
     values, indices = ops.top_k(x, k, sorted=True)
     return values, ops.cast(indices, "int32")
+
+
+def _torch_top_k(x, k):
+    """`top_k` on torch: `torch.topk`, with its ties re-broken by index.
+
+    `torch.topk` returns the right k-th value but an arbitrary subset of the
+    entries tied at it. The k entries are rebuilt as those above the k-th
+    value plus the first tied ones in index order, then ordered by a stable
+    sort of just those k. On CPU this is about 2x faster than a stable sort
+    of the whole row for (8, 32, 520) and k = 36; when `k` is more than half
+    the row, the whole-row stable sort is used. NaN ranks as +inf here
+    (tied with it) instead of above it; no router produces NaN scores.
+
+    Args:
+        x: torch tensor of shape `(..., n)`.
+        k: int. `1 <= k <= n`.
+
+    Returns:
+        `(values, indices)` as in `top_k`; `indices` are int32.
+    """
+    import torch
+
+    n = x.shape[-1]
+    if 2 * k > n:
+        values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
+        return values[..., :k], indices[..., :k].to(torch.int32)
+    key = x
+    if x.is_floating_point():
+        key = torch.where(torch.isnan(x), float("inf"), x)  # (..., n)
+    kth = torch.topk(key, k, dim=-1).values[..., -1:]  # (..., 1)
+    above = key > kth  # (..., n)
+    tied = key == kth  # (..., n)
+    room = k - above.sum(dim=-1, keepdim=True)  # (..., 1) tied entries to take
+    chosen = above | (tied & (torch.cumsum(tied, dim=-1) <= room))  # k per row
+    # The chosen positions in increasing order: the k largest `n - position`.
+    reversed_positions = torch.arange(n, 0, -1, device=x.device)  # (n,)
+    first = torch.topk(chosen * reversed_positions, k, dim=-1).indices  # (..., k)
+    order = torch.sort(
+        key.gather(-1, first), dim=-1, descending=True, stable=True
+    ).indices  # (..., k)
+    indices = first.gather(-1, order)  # (..., k)
+    return x.gather(-1, indices), indices.to(torch.int32)
 
 
 def argsort_descending(x):

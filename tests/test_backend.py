@@ -16,6 +16,35 @@ def test_top_k_ties_go_to_the_lower_index():
     assert ops.convert_to_numpy(indices).dtype == np.int32
 
 
+@pytest.mark.parametrize(
+    "shape, k",
+    [
+        ((4, 3, 40), 1),
+        ((4, 3, 40), 7),
+        ((5, 32), 2),
+        ((6, 520), 36),
+        ((3, 9), 4),
+        ((3, 9), 6),
+        ((2, 9), 9),
+    ],
+)
+def test_top_k_with_many_ties_equals_a_stable_sort(shape, k):
+    # Coarse values tie often, also at the k-th value; ties go to the lower
+    # index on every backend (torch fixes up torch.topk's arbitrary ties).
+    rng = np.random.default_rng(k)
+    for levels in (2, 7, 10_000):
+        x = (rng.integers(0, levels, size=shape) / levels).astype("float32")
+        # (Not -0.0: XLA's TopK ranks it below 0.0.)
+        x.reshape(-1, shape[-1])[0, :3] = [0.0, np.inf, np.inf]
+        values, indices = backend.top_k(x, k)
+        expected = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        np.testing.assert_array_equal(ops.convert_to_numpy(indices), expected)
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(values), np.take_along_axis(x, expected, axis=-1)
+        )
+        assert ops.convert_to_numpy(indices).dtype == np.int32
+
+
 def test_grouped_take_equals_numpy():
     rng = np.random.RandomState(0)
     x = rng.randn(3, 5, 4).astype("float32")  # (G, S, d)
