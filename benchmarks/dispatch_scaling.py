@@ -6,7 +6,9 @@ One group of S tokens (S = 256 ... 16384), d=384, h=1536, E=8, Softmax
 Token Choice with K=1 at capacity factor 1 (C = S / 8). For each S: the MoE
 layer's forward+backward time relative to a dense MLP on the same tokens,
 and XLA's temporary memory, for the index (gather / segment-sum) path and
-the einsum path that materialises the `(G, S, E, C)` tensors.
+the einsum path that materialises the `(G, S, E, C)` tensors, and the
+expert matmuls alone on `(E, 1, C, d)` ("experts only": the MoE's cost if
+routing, dispatch and combine were free).
 """
 
 import numpy as np
@@ -43,8 +45,14 @@ def run(group_sizes=GROUP_SIZES, repeats=3):
             ("einsum", make(s, True)),
         ]:
             steps[label], _, memory[label] = jax_train_step(layer, x)
+        # The expert matmuls alone on (E, 1, C, d): what the MoE costs with
+        # free routing, dispatch and combine.
+        slots = np.random.default_rng(1).normal(size=(E, 1, s // E, D))
+        steps["experts only"], _, memory["experts only"] = jax_train_step(
+            MlpExperts(E, H), slots.astype("float32")
+        )
         times = interleaved_median_times(steps, repeats, warmup=1)
-        for label in ("index", "einsum"):
+        for label in ("index", "einsum", "experts only"):
             rows.append(
                 {
                     "S": s,

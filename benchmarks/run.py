@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks import dispatch_scaling, moe_layer, routing_step
+from benchmarks import dispatch_scaling, moe_layer, routing_step, targets
 from benchmarks.common import machine_description, markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,20 +40,30 @@ def end_to_end_all_backends():
 
 
 OUTPUT = os.path.join(ROOT, "BENCHMARKS.md")
+GPU_NOTE = (
+    "`benchmarks/gpu.sh` measures a B/16 V-MoE per router in bfloat16 on a "
+    "GPU (images/s and model FLOP utilisation, under 5 minutes). It has not "
+    "been run on a GPU yet: no GPU was available to this project so far. "
+    "Run it on one and paste its table here."
+)
 
 
 def main(path=OUTPUT):
     machine = machine_description()
+    layer_rows = moe_layer.run()
+    routing_rows = routing_step.run()
+    scaling_rows = dispatch_scaling.run()
     sections = [
-        ("MoE layer vs dense MLP (forward+backward, JAX)", moe_layer, moe_layer.run()),
-        ("Routing step per router (JAX)", routing_step, routing_step.run()),
+        ("MoE layer vs dense MLP (forward+backward, JAX)", moe_layer, layer_rows),
+        ("Routing step per router (JAX)", routing_step, routing_rows),
         (
             "Index vs einsum dispatch as the group grows (JAX)",
             dispatch_scaling,
-            dispatch_scaling.run(),
+            scaling_rows,
         ),
     ]
     e2e = end_to_end_all_backends()
+    target_rows = targets.evaluate(layer_rows, routing_rows, scaling_rows, e2e)
     with open(path, "w") as f:
         f.write("# keras_vmoe benchmarks\n\n")
         f.write("Written by `make bench` (`python -m benchmarks.run`).\n\n")
@@ -68,6 +78,9 @@ def main(path=OUTPUT):
             f"\n## End-to-end training throughput\n\n{end_to_end.__doc__.strip()}\n\n"
         )
         f.write(markdown_table(e2e, end_to_end.COLUMNS) + "\n")
+        f.write(f"\n## Against the targets\n\n{targets.__doc__.strip()}\n\n")
+        f.write(markdown_table(target_rows, targets.COLUMNS) + "\n")
+        f.write(f"\n## GPU\n\n{GPU_NOTE}\n")
     print(open(path).read())
 
 

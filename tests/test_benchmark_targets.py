@@ -1,0 +1,65 @@
+"""`benchmarks/targets.py`: the target table BENCHMARKS.md ends with."""
+
+import pytest
+
+from benchmarks import moe_layer, targets
+
+
+def layer_row(router, ratio, ms=100.0):
+    return {"layer": f"{router} (index dispatch)", "ratio": ratio, "ms": ms}
+
+
+def test_soft_moe_flop_floor():
+    # 520 slots, h = 1536: 1 + 3 * 520 / 3072 = 1.5078.
+    assert moe_layer.S == 520 and moe_layer.H == 1536
+    assert targets.soft_moe_flop_floor() == pytest.approx(1.5078125)
+
+
+def test_evaluate_marks_met_and_missed_with_reasons():
+    layer_rows = [
+        layer_row("softmax_token_choice", 1.0),
+        layer_row("soft", 1.44),
+        layer_row("sinkhorn_token_choice", 1.31, ms=200.0),
+        {"layer": "dense MLP", "ratio": 1.0, "ms": 100.0},
+    ]
+    routing_rows = [
+        {
+            "router": "sinkhorn_token_choice",
+            "ratio_vs_softmax_ec": 1.2,
+            "median_ms": 10.0,
+        }
+    ]
+    scaling_rows = [
+        {"S": 256, "dispatch": "index", "ratio to dense": 2.0, "temp MB": 7.0},
+        {"S": 1024, "dispatch": "index", "ratio to dense": 1.25, "temp MB": 28.0},
+        {"S": 4096, "dispatch": "index", "ratio to dense": 0.9, "temp MB": 130.0},
+        {"S": 1024, "dispatch": "einsum", "ratio to dense": 9.0, "temp MB": 1.0},
+    ]
+    e2e_rows = [
+        {"backend": "jax", "model": "dense ViT", "ratio to dense": 1.0},
+        {"backend": "jax", "model": "soft", "ratio to dense": 0.97},
+        {"backend": "torch", "model": "dense ViT", "ratio to dense": 1.0},
+        {"backend": "torch", "model": "soft", "ratio to dense": 0.8},
+    ]
+    rows = targets.evaluate(layer_rows, routing_rows, scaling_rows, e2e_rows)
+    status = {row["target"]: row["status"] for row in rows}
+    why = {row["target"]: row["why"] for row in rows}
+    assert status["MoE layer fwd+bwd <= 1.15x dense MLP: softmax_token_choice"] == "met"
+    assert status["MoE layer fwd+bwd <= 1.15x dense MLP: soft"] == "missed"
+    assert "1.51x" in why["MoE layer fwd+bwd <= 1.15x dense MLP: soft"]
+    assert (
+        status["MoE layer fwd+bwd <= 1.3x dense MLP: sinkhorn_token_choice"] == "missed"
+    )
+    key = "routing step <= 1.5x Softmax Expert Choice: sinkhorn_token_choice"
+    assert status[key] == "met" and why[key] == ""
+    # 10 ms of routing over a 200 ms layer = 5%.
+    share = [r for r in rows if r["target"].startswith("routing step <= 15%")]
+    assert share[0]["measured"].startswith("5.0%") and share[0]["status"] == "met"
+    assert status["index dispatch <= 1.15x dense at S=1024"] == "missed"
+    assert status["index dispatch <= 1.15x dense at S=4096"] == "met"
+    assert "index dispatch <= 1.15x dense at S=256" not in status  # below range
+    # 130 / 28 = 4.6x per 4x tokens.
+    growth = "index dispatch memory <= 4.4x per 4x tokens, S=1024->4096"
+    assert status[growth] == "missed"
+    assert status["end-to-end >= 0.85x dense ViT (jax)"] == "met"
+    assert status["end-to-end >= 0.85x dense ViT (torch)"] == "missed"
