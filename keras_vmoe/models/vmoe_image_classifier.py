@@ -8,82 +8,21 @@ from keras import ops
 from keras_hub.models import ImageClassifier
 from keras_hub.src.models.task import Task
 
+from keras_vmoe.models.losses import (
+    LOSS_TYPES,
+    ClassificationCrossEntropy,
+    is_sparse_labels,
+)
 from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
 from keras_vmoe.routers.base import check_positive_int, check_rate
 
-_LOSS_TYPES = ("softmax", "sigmoid")
 _ACTIVATIONS = (None, "softmax", "sigmoid")
-
-
-def _is_sparse(y_true, y_pred):
-    """Integer class ids (rank below logits, or a trailing 1) vs dense targets."""
-    y_true = ops.convert_to_tensor(y_true)
-    true_shape, pred_shape = ops.shape(y_true), ops.shape(y_pred)
-    if len(true_shape) < len(pred_shape):
-        return True
-    return true_shape[-1] == 1 and pred_shape[-1] != 1
-
-
-def _dense_targets(y_true, y_pred):
-    y_true = ops.convert_to_tensor(y_true)
-    if _is_sparse(y_true, y_pred):
-        ids = ops.reshape(ops.cast(y_true, "int32"), ops.shape(y_pred)[:-1])
-        return ops.one_hot(ids, ops.shape(y_pred)[-1], dtype=y_pred.dtype)
-    return ops.cast(y_true, y_pred.dtype)
-
-
-@keras.saving.register_keras_serializable(package="keras_vmoe")
-class ClassificationCrossEntropy(keras.losses.Loss):
-    """Softmax or sigmoid cross-entropy for integer or one/multi-hot labels.
-
-    `"softmax"`: categorical cross-entropy. `"sigmoid"`: the sum over classes
-    of per-class binary cross-entropies (big_vision / V-MoE `sigmoid_xent`).
-    Labels may be integer class ids `(B,)` / `(B, 1)` or dense targets
-    `(B, num_classes)`; both give the same value for one-hot targets.
-
-    Args:
-        loss_type: str. `"softmax"` or `"sigmoid"`. Defaults to `"softmax"`.
-        from_logits: bool. Whether predictions are logits. Defaults to `True`.
-        **kwargs: `keras.losses.Loss` arguments (`reduction`, `name`).
-
-    Example:
-    >>> loss = ClassificationCrossEntropy("sigmoid")
-    >>> round(float(loss([1], [[0.0, 0.0]])), 4)  # 2 * log(2)
-    1.3863
-    """
-
-    def __init__(self, loss_type="softmax", from_logits=True, **kwargs):
-        kwargs.setdefault("name", f"{loss_type}_cross_entropy")
-        super().__init__(**kwargs)
-        if loss_type not in _LOSS_TYPES:
-            raise ValueError(
-                f"`loss_type` must be one of {_LOSS_TYPES}, got {loss_type!r}."
-            )
-        self.loss_type = loss_type
-        self.from_logits = bool(from_logits)
-
-    def call(self, y_true, y_pred):
-        y_pred = ops.cast(y_pred, "float32")  # bfloat16 heads: loss in float32
-        targets = _dense_targets(y_true, y_pred)
-        if self.loss_type == "softmax":
-            return keras.losses.categorical_crossentropy(
-                targets, y_pred, from_logits=self.from_logits
-            )
-        per_class = ops.binary_crossentropy(
-            targets, y_pred, from_logits=self.from_logits
-        )
-        return ops.sum(per_class, axis=-1)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"loss_type": self.loss_type, "from_logits": self.from_logits})
-        return config
 
 
 def top1_accuracy(y_true, y_pred):
     """1.0 where the arg-max prediction is the (arg-max) label, else 0.0."""
     y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
-    if _is_sparse(y_true, y_pred):
+    if is_sparse_labels(y_true, y_pred):
         labels = ops.reshape(ops.cast(y_true, "int32"), ops.shape(y_pred)[:-1])
     else:
         labels = ops.cast(ops.argmax(y_true, axis=-1), "int32")
@@ -183,9 +122,9 @@ class VisionMoEImageClassifier(ImageClassifier):
                 f"`activation` must be one of {_ACTIVATIONS}, got {activation!r}."
             )
         resolved_loss = loss_type or activation or "softmax"
-        if resolved_loss not in _LOSS_TYPES:
+        if resolved_loss not in LOSS_TYPES:
             raise ValueError(
-                f"`loss_type` must be one of {_LOSS_TYPES}, got {loss_type!r}."
+                f"`loss_type` must be one of {LOSS_TYPES}, got {loss_type!r}."
             )
         if activation is not None and activation != resolved_loss:
             raise ValueError(

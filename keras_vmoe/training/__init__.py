@@ -1,6 +1,6 @@
 """The pre-training recipe: losses, optimiser, learning-rate schedules."""
 
-from keras_vmoe.training.losses import SigmoidCrossEntropy
+from keras_vmoe.training.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy
 from keras_vmoe.training.optimizer import (
     SOFT_MOE_WEIGHT_DECAY,
     VMOE_WEIGHT_DECAY,
@@ -9,7 +9,6 @@ from keras_vmoe.training.optimizer import (
 from keras_vmoe.training.recipe import (
     RECIPES,
     BackupAndRestoreWithRNG,
-    SoftmaxCrossEntropy,
     compile_with_recipe,
     make_schedule,
     seed_state_variables,

@@ -1,25 +1,52 @@
-"""Classification losses of the recipes."""
+"""Classification losses of the recipes.
+
+Both are `keras_vmoe.models.ClassificationCrossEntropy` with the loss type
+fixed (one implementation, `keras_vmoe/models/losses.py`); they stay
+separate registered classes so that `compile_with_recipe(loss="sigmoid" |
+"softmax")`, presets and saved `.keras` files keep their names.
+"""
 
 import keras
-from keras import ops
 
-from keras_vmoe.routers.base import check_rate
+from keras_vmoe.models.losses import ClassificationCrossEntropy
+
+
+class _FixedTypeCrossEntropy(ClassificationCrossEntropy):
+    """`ClassificationCrossEntropy` whose `loss_type` is the class's."""
+
+    LOSS_TYPE = None
+
+    def __init__(self, from_logits=True, label_smoothing=0.0, name=None, **kwargs):
+        super().__init__(
+            self.LOSS_TYPE,
+            from_logits=from_logits,
+            label_smoothing=label_smoothing,
+            name=name or f"{self.LOSS_TYPE}_cross_entropy",
+            **kwargs,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        del config["loss_type"]
+        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class SigmoidCrossEntropy(keras.losses.Loss):
+class SigmoidCrossEntropy(_FixedTypeCrossEntropy):
     """Sigmoid cross-entropy summed over classes, averaged over examples.
 
     The V-MoE recipe's loss: each class is an independent binary problem,
     and the per-example loss is the sum over classes (not the mean, as in
-    `keras.losses.BinaryCrossentropy`).
+    `keras.losses.BinaryCrossentropy`). Same as
+    `ClassificationCrossEntropy("sigmoid", ...)`.
 
     Args:
         from_logits: bool. Whether predictions are logits. Defaults to `True`.
-        label_smoothing: float. Targets become
+        label_smoothing: float in [0, 1). Targets become
             `y * (1 - label_smoothing) + label_smoothing / num_classes`.
-            Defaults to 0.
-        **kwargs: `keras.losses.Loss` arguments (`name`, `reduction`).
+            Defaults to `0`.
+        name: str or None. Defaults to `"sigmoid_cross_entropy"`.
+        **kwargs: `keras.losses.Loss` arguments (`reduction`).
 
     Labels may be one-hot `(batch, classes)` or integer class ids `(batch,)`.
 
@@ -30,41 +57,30 @@ class SigmoidCrossEntropy(keras.losses.Loss):
     1.3863
     """
 
-    def __init__(
-        self,
-        from_logits=True,
-        label_smoothing=0.0,
-        name="sigmoid_cross_entropy",
-        **kwargs,
-    ):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = check_rate("label_smoothing", label_smoothing)
-        self.from_logits = bool(from_logits)
+    LOSS_TYPE = "sigmoid"
 
-    def call(self, y_true, y_pred):
-        y_pred = ops.cast(y_pred, "float32")
-        num_classes = ops.shape(y_pred)[-1]
-        y_true = ops.convert_to_tensor(y_true)
-        if (
-            len(y_true.shape) == len(y_pred.shape) - 1
-            or y_true.shape[-1] != num_classes
-        ):
-            y_true = ops.one_hot(
-                ops.cast(ops.reshape(y_true, (-1,)), "int32"), num_classes
-            )
-        y_true = ops.cast(y_true, "float32")
-        if self.label_smoothing:
-            y_true = (
-                y_true * (1 - self.label_smoothing) + self.label_smoothing / num_classes
-            )
-        per_class = keras.losses.binary_crossentropy(
-            y_true[..., None], y_pred[..., None], from_logits=self.from_logits
-        )  # (batch, classes)
-        return ops.sum(per_class, axis=-1)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {"from_logits": self.from_logits, "label_smoothing": self.label_smoothing}
-        )
-        return config
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class SoftmaxCrossEntropy(_FixedTypeCrossEntropy):
+    """Softmax cross-entropy for integer or one-hot labels, with smoothing.
+
+    Keras' `SparseCategoricalCrossentropy` has no label smoothing and
+    `CategoricalCrossentropy` needs one-hot labels; this takes both. Same as
+    `ClassificationCrossEntropy("softmax", ...)`.
+
+    Args:
+        from_logits: bool. Whether predictions are logits. Defaults to `True`.
+        label_smoothing: float in [0, 1). Targets become
+            `y * (1 - label_smoothing) + label_smoothing / num_classes`.
+            Defaults to `0`.
+        name: str or None. Defaults to `"softmax_cross_entropy"`.
+        **kwargs: `keras.losses.Loss` arguments (`reduction`).
+
+    Example:
+    >>> import numpy as np
+    >>> loss = SoftmaxCrossEntropy()
+    >>> round(float(loss(np.array([1]), np.zeros((1, 4), "float32"))), 4)  # log 4
+    1.3863
+    """
+
+    LOSS_TYPE = "softmax"

@@ -23,10 +23,8 @@ import os
 
 import keras
 import numpy as np
-from keras import ops
 
-from keras_vmoe.routers.base import check_rate
-from keras_vmoe.training.losses import SigmoidCrossEntropy
+from keras_vmoe.training.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy
 from keras_vmoe.training.optimizer import (
     SOFT_MOE_WEIGHT_DECAY,
     VMOE_WEIGHT_DECAY,
@@ -45,57 +43,6 @@ RECIPES = {
 }
 SCHEDULES = ("linear", "rsqrt", "cosine", "constant")
 LOSSES = ("sigmoid", "softmax")
-
-
-@keras.saving.register_keras_serializable(package="keras_vmoe")
-class SoftmaxCrossEntropy(keras.losses.Loss):
-    """Softmax cross-entropy for integer or one-hot labels, with smoothing.
-
-    Keras' `SparseCategoricalCrossentropy` has no label smoothing and
-    `CategoricalCrossentropy` needs one-hot labels; this takes both.
-
-    Args:
-        from_logits: bool. Whether predictions are logits. Defaults to `True`.
-        label_smoothing: float in [0, 1). Targets become
-            `y * (1 - label_smoothing) + label_smoothing / num_classes`.
-            Defaults to `0`.
-        **kwargs: `keras.losses.Loss` arguments (`name`, `reduction`).
-
-    Example:
-    >>> import numpy as np
-    >>> loss = SoftmaxCrossEntropy()
-    >>> round(float(loss(np.array([1]), np.zeros((1, 4), "float32"))), 4)  # log 4
-    1.3863
-    """
-
-    def __init__(
-        self, from_logits=True, label_smoothing=0.0, name="softmax_cross_entropy", **kw
-    ):
-        super().__init__(name=name, **kw)
-        self.label_smoothing = check_rate("label_smoothing", label_smoothing)
-        self.from_logits = bool(from_logits)
-
-    def call(self, y_true, y_pred):
-        y_pred = ops.cast(y_pred, "float32")
-        num_classes = ops.shape(y_pred)[-1]
-        y_true = ops.convert_to_tensor(y_true)
-        if len(y_true.shape) < len(y_pred.shape) or y_true.shape[-1] != num_classes:
-            y_true = ops.one_hot(
-                ops.cast(ops.reshape(y_true, (-1,)), "int32"), num_classes
-            )
-        return keras.losses.categorical_crossentropy(
-            ops.cast(y_true, "float32"),
-            y_pred,
-            from_logits=self.from_logits,
-            label_smoothing=self.label_smoothing,
-        )
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {"from_logits": self.from_logits, "label_smoothing": self.label_smoothing}
-        )
-        return config
 
 
 def _weight_decay_rules(recipe_rules, weight_decay):

@@ -10,6 +10,7 @@ MODULES = [
     "keras_vmoe.models.atomic",
     "keras_vmoe.models.cost",
     "keras_vmoe.models.encoder_block",
+    "keras_vmoe.models.losses",
     "keras_vmoe.models.preset_loader",
     "keras_vmoe.models.presets",
     "keras_vmoe.models.vit_layers",

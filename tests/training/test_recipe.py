@@ -3,10 +3,12 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_vmoe.models import ClassificationCrossEntropy
 from keras_vmoe.training import (
     SOFT_MOE_WEIGHT_DECAY,
     DecoupledWeightDecayAdam,
     SigmoidCrossEntropy,
+    SoftmaxCrossEntropy,
     WarmupLinearDecay,
     WarmupRsqrtCooldown,
     warmup_cosine,
@@ -130,3 +132,26 @@ def test_sigmoid_cross_entropy_hand_values():
     smoothed = SigmoidCrossEntropy(label_smoothing=0.2)
     got = float(smoothed(np.array([[1.0, 0.0]]), np.array([[2.0, -1.0]], "float32")))
     assert got == pytest.approx(0.326928 + 0.413262, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cls, loss_type",
+    [(SigmoidCrossEntropy, "sigmoid"), (SoftmaxCrossEntropy, "softmax")],
+)
+def test_recipe_losses_are_the_classifier_loss_with_a_fixed_type(cls, loss_type):
+    """One implementation: same values, own registered name and config."""
+    loss = cls(label_smoothing=0.2, reduction=None)
+    assert isinstance(loss, ClassificationCrossEntropy)
+    assert (loss.loss_type, loss.name) == (loss_type, f"{loss_type}_cross_entropy")
+    same = ClassificationCrossEntropy(loss_type, label_smoothing=0.2, reduction=None)
+    logits = np.array([[2.0, -1.0, 0.5], [0.0, 1.0, -2.0]], "float32")
+    for labels in (np.array([0, 2]), np.eye(3, dtype="float32")[[0, 2]]):
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(loss(labels, logits)),
+            ops.convert_to_numpy(same(labels, logits)),
+        )
+    config = keras.saving.serialize_keras_object(loss)
+    assert config["registered_name"] == f"keras_vmoe>{cls.__name__}"
+    assert "loss_type" not in config["config"]
+    clone = keras.saving.deserialize_keras_object(config)
+    assert type(clone) is cls and clone.get_config() == loss.get_config()
