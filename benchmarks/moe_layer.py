@@ -7,7 +7,9 @@ Shape (the paper's B/32-like group): d=384, h=1536, E=8, 8 groups of
 slots per group (Token Choice K=1 at factor 1; Expert Choice factor 1;
 Soft MoE 65 slots per expert), the same per-token compute as the dense MLP
 d->h->d. Capacities are not rounded to multiples of 4 here, so that the
-routers and the dense MLP do exactly the same expert FLOPs. One more row
+routers and the dense MLP do exactly the same expert FLOPs. "routing ms"
+is the layer's router alone (forward, evaluation mode) on the same groups,
+timed in the same turns, and "routing share" its fraction of the layer. One more row
 runs Soft MoE in its own setting (one image per group, 8 slots per expert:
 64 slots for 65 tokens), where its dispatch and combine cost 8x less.
 """
@@ -16,6 +18,7 @@ import keras
 import numpy as np
 
 from benchmarks.common import interleaved_median_times, jax_train_step, markdown_table
+from benchmarks.routing_step import make_step
 from keras_vmoe import routers
 from keras_vmoe.layers import MlpExperts, MoE
 
@@ -75,20 +78,34 @@ def run(repeats=10, router_names=None):
     steps, compile_seconds = {}, {}
     for label, layer in variants.items():
         steps[label], compile_seconds[label], _ = jax_train_step(layer, x)
+    # Each index-dispatch layer's routing step alone (its router's forward
+    # on the same groups), timed in the same turns: the router's share.
+    routing_labels = {}
+    for label, layer in variants.items():
+        if label.endswith("(index dispatch)"):
+            groups = x.reshape(-1, layer.group_size, D)
+            routing_labels[label] = f"{label} routing step"
+            steps[routing_labels[label]], _ = make_step(layer.router, groups)
     times = interleaved_median_times(steps, repeats)
     dense = times["dense MLP"]
-    return [
-        {
-            "layer": label,
-            "ms": t * 1e3,
-            "ratio": t / dense,
-            "compile s": compile_seconds[label],
-        }
-        for label, t in times.items()
-    ]
+    rows = []
+    for label in variants:
+        t = times[label]
+        routing = times.get(routing_labels.get(label))
+        rows.append(
+            {
+                "layer": label,
+                "ms": t * 1e3,
+                "ratio": t / dense,
+                "compile s": compile_seconds[label],
+                "routing ms": "" if routing is None else routing * 1e3,
+                "routing share": "" if routing is None else f"{100 * routing / t:.1f}%",
+            }
+        )
+    return rows
 
 
-COLUMNS = ["layer", "ms", "ratio", "compile s"]
+COLUMNS = ["layer", "ms", "ratio", "compile s", "routing ms", "routing share"]
 
 if __name__ == "__main__":
     print(markdown_table(run(), COLUMNS))

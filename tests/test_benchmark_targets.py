@@ -5,8 +5,13 @@ import pytest
 from benchmarks import moe_layer, targets
 
 
-def layer_row(router, ratio, ms=100.0):
-    return {"layer": f"{router} (index dispatch)", "ratio": ratio, "ms": ms}
+def layer_row(router, ratio, ms=100.0, routing_ms=1.0):
+    return {
+        "layer": f"{router} (index dispatch)",
+        "ratio": ratio,
+        "ms": ms,
+        "routing ms": routing_ms,
+    }
 
 
 def test_soft_moe_flop_floor():
@@ -19,7 +24,7 @@ def test_evaluate_marks_met_and_missed_with_reasons():
     layer_rows = [
         layer_row("softmax_token_choice", 1.0),
         layer_row("soft", 1.44),
-        layer_row("sinkhorn_token_choice", 1.31, ms=200.0),
+        layer_row("sinkhorn_token_choice", 1.31, ms=200.0, routing_ms=10.0),
         {"layer": "dense MLP", "ratio": 1.0, "ms": 100.0},
     ]
     routing_rows = [
