@@ -8,7 +8,6 @@ on which image shares its group, and the command's group padding must not
 change them.
 """
 
-import doctest
 import json
 import os
 
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 
 from keras_vmoe import cli, data
-from keras_vmoe.evaluation import command as eval_command
 from keras_vmoe.evaluation import fewshot_linear_accuracy
 from keras_vmoe.models import from_preset
 
@@ -76,13 +74,6 @@ def _features_and_logits(model, images):
         keras.ops.convert_to_numpy(w) for w in model.get_layer("head").weights
     )
     return feats, feats @ kernel + bias
-
-
-def test_docstring_examples():
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    for test in doctest.DocTestFinder().find(eval_command, eval_command.__name__):
-        runner.run(test)
-    assert runner.summarize(verbose=False).failed == 0
 
 
 def test_eval_json_matches_an_independent_computation(preset, capsys):

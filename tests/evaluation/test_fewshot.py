@@ -1,7 +1,5 @@
 """Few-shot linear evaluation against an independent lstsq ridge and by hand."""
 
-import doctest
-
 import numpy as np
 import pytest
 
@@ -170,8 +168,3 @@ def test_error_cases():
         evaluation.fewshot_linear_accuracy(x, y, x[:, 0], y, shots=(1,))
     with pytest.raises(ValueError, match="`form`"):
         fs.ridge_weights(x, np.eye(6), form="other")
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(fs)
-    assert result.failed == 0 and result.attempted > 0

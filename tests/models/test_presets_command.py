@@ -1,6 +1,5 @@
 """`keras-vmoe presets`: every built-in preset with its size and cost."""
 
-import doctest
 import json
 
 import pytest
@@ -8,13 +7,6 @@ import pytest
 from keras_vmoe import cli
 from keras_vmoe.models import command as presets_command
 from keras_vmoe.models import list_presets
-
-
-def test_docstring_examples():
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    for test in doctest.DocTestFinder().find(presets_command, presets_command.__name__):
-        runner.run(test)
-    assert runner.summarize(verbose=False).failed == 0
 
 
 def test_lists_every_preset_with_params_and_flops(capsys):

@@ -1,8 +1,6 @@
 """`keras-vmoe study`: equal-compute arithmetic, report, routing maps, CLI."""
 
 import csv
-import doctest
-import importlib
 import json
 import math
 import os
@@ -196,16 +194,6 @@ def test_expert_per_token_sparse_and_soft():
     dispatch = np.array([[[[0.3], [0.6]], [[0.7], [0.4]]]], "float32")
     soft = Routing.soft(dispatch, dispatch)
     assert routing_maps.expert_per_token(soft).tolist() == [[1, 0]]
-
-
-@pytest.mark.parametrize(
-    "module",
-    ["config", "data", "report", "routing_maps", "progress", "plots", "command"],
-)
-def test_docstring_examples(module):
-    mod = importlib.import_module(f"keras_vmoe.study.{module}")
-    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0
 
 
 # --------------------------------------------------------------------------
