@@ -101,6 +101,10 @@ def machine_description():
         "backend": backend,
         "device": device,
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        # Other work on a shared machine inflates times; ratios much less.
+        "load average at start (1, 5, 15 min)": ", ".join(
+            f"{v:.1f}" for v in os.getloadavg()
+        ),
     }
 
 

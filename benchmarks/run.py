@@ -66,7 +66,13 @@ def main(path=OUTPUT):
     target_rows = targets.evaluate(layer_rows, routing_rows, scaling_rows, e2e)
     with open(path, "w") as f:
         f.write("# keras_vmoe benchmarks\n\n")
-        f.write("Written by `make bench` (`python -m benchmarks.run`).\n\n")
+        f.write(
+            "Written by `make bench` (`python -m benchmarks.run`). Each "
+            "benchmark times its variants side by side in one process, in "
+            "turns, after a warm-up; figures are medians and ratios. The JAX "
+            "benchmarks run in this process; the end-to-end one once per "
+            "backend in its own process.\n\n"
+        )
         for key, value in machine.items():
             f.write(f"- {key}: {value}\n")
         for title, module, rows in sections:
