@@ -6,6 +6,7 @@ Example:
 True
 """
 
+from keras_vmoe.models.backbone_config import parse_moe_layers
 from keras_vmoe.models.cost import (
     backbone_flops,
     count_backbone_params,
@@ -19,7 +20,7 @@ from keras_vmoe.models.presets import (
     presets_dir,
     register_with_keras_hub,
 )
-from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone, parse_moe_layers
+from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
 from keras_vmoe.models.vmoe_image_classifier import (
     ClassificationCrossEntropy,
     Top1Accuracy,

@@ -15,7 +15,8 @@ expert computation pays for empty slots too.
 
 import inspect
 
-from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone, parse_moe_layers
+from keras_vmoe.models.backbone_config import parse_moe_layers
+from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
 
 
 def _defaults(cls):

@@ -1,0 +1,268 @@
+"""`VisionMoEBackbone`'s arguments: checks, MoE placement, derived sizes.
+
+`check_backbone_arguments` validates every constructor argument of
+`VisionMoEBackbone` (with messages that name the argument) and returns what
+the functional graph needs: the image shape, the patch size, the MoE block
+indices (`parse_moe_layers`) and the token sequence length.
+"""
+
+import collections
+import difflib
+
+from keras_vmoe.models import vit_layers
+from keras_vmoe.routers.base import (
+    check_positive_float,
+    check_positive_int,
+    check_rate,
+)
+
+_PLACEMENT_HELP = (
+    "Give a list of block indices (0-based), or one of: 'every:n' (blocks "
+    "n-1, 2n-1, ...), 'last_odd:n' (V-MoE 'Last n': the last n odd blocks), "
+    "'last:n' (Soft MoE: the last n contiguous blocks), 'all', 'none'."
+)
+
+
+def parse_moe_layers(spec, num_layers):
+    """Resolves an MoE placement spec to a sorted tuple of block indices.
+
+    Blocks are numbered from 0. The two "last n" conventions of the
+    literature differ, so they have different names here:
+
+    - `"every:n"`: blocks `n-1, 2n-1, 3n-1, ...` (V-MoE "Every n").
+    - `"last_odd:n"`: the last `n` odd-numbered blocks (V-MoE "Last n"; with
+      8 blocks, `"last_odd:2"` is `(5, 7)`).
+    - `"last:n"`: the last `n` contiguous blocks (Soft MoE; with 12 blocks,
+      `"last:6"` is `(6, ..., 11)`).
+    - `"all"`, `"none"` (or `None`, `[]`): every block, no block.
+
+    As in the reference configs, "last" asks that exceed the available
+    blocks give all of them (`"last_odd:2"` on 2 blocks is `(1,)`).
+    - a list of ints: those blocks (negative indices count from the end).
+
+    Args:
+        spec: str, list of int or None. The placement.
+        num_layers: int. Number of encoder blocks.
+
+    Returns:
+        tuple of int, sorted and unique.
+
+    Example:
+    >>> parse_moe_layers("every:2", 12)
+    (1, 3, 5, 7, 9, 11)
+    >>> parse_moe_layers("last_odd:2", 8)
+    (5, 7)
+    >>> parse_moe_layers("last:2", 8)
+    (6, 7)
+    """
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("", "none"):
+            return ()
+        if text == "all":
+            return tuple(range(num_layers))
+        kind, sep, arg = text.partition(":")
+        if not sep or kind not in ("every", "last_odd", "last"):
+            raise ValueError(f"Unknown MoE placement {spec!r}. {_PLACEMENT_HELP}")
+        try:
+            n = int(arg)
+        except ValueError:
+            raise ValueError(
+                f"MoE placement {spec!r}: {arg!r} is not an integer. {_PLACEMENT_HELP}"
+            ) from None
+        if kind == "every":
+            if n < 1:
+                raise ValueError(f"MoE placement {spec!r}: n must be >= 1.")
+            return tuple(range(n - 1, num_layers, n))
+        if n < 0:
+            raise ValueError(f"MoE placement {spec!r}: n must be >= 0.")
+        # Like the reference (`range(...)[-n:]`), asking for more blocks than
+        # exist gives all of them; this keeps presets valid at tiny depths.
+        pool = range(num_layers) if kind == "last" else range(1, num_layers, 2)
+        return tuple(pool[max(len(pool) - n, 0) :])
+    try:
+        indices = [int(i) for i in spec]
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid MoE placement {spec!r}. {_PLACEMENT_HELP}") from None
+    resolved = set()
+    for i in indices:
+        if not -num_layers <= i < num_layers:
+            raise ValueError(
+                f"MoE block index {i} is out of range for {num_layers} blocks."
+            )
+        resolved.add(i % num_layers)
+    return tuple(sorted(resolved))
+
+
+BackboneLayout = collections.namedtuple(
+    "BackboneLayout",
+    ["image_shape", "patch_size", "moe_layer_indices", "sequence_length"],
+)
+BackboneLayout.__doc__ = """What the backbone graph needs, from checked arguments.
+
+Fields:
+    image_shape: tuple of 3 ints. `(height, width, channels)`.
+    patch_size: (int, int). Patch height and width.
+    moe_layer_indices: tuple of int. The MoE blocks, sorted.
+    sequence_length: int. Tokens per image (patches, plus the class token).
+"""
+
+
+def check_backbone_arguments(
+    *,
+    image_shape,
+    patch_size,
+    num_layers,
+    num_heads,
+    hidden_dim,
+    mlp_dim,
+    moe_layers,
+    router,
+    router_config,
+    num_experts,
+    expert_hidden_dim,
+    group_size,
+    use_class_token,
+    pooling,
+    dropout_rate,
+    attention_dropout,
+    expert_dropout_rate,
+    layer_norm_epsilon,
+):
+    """Checks `VisionMoEBackbone`'s arguments and resolves the layout.
+
+    Args:
+        image_shape, patch_size, num_layers, num_heads, hidden_dim, mlp_dim,
+        moe_layers, router, router_config, num_experts, expert_hidden_dim,
+        group_size, use_class_token, pooling, dropout_rate, attention_dropout,
+        expert_dropout_rate, layer_norm_epsilon: the `VisionMoEBackbone`
+            arguments of the same names.
+
+    Returns:
+        A `BackboneLayout`.
+
+    Raises:
+        ValueError: an argument is invalid; the message names it.
+
+    Example:
+    >>> layout = check_backbone_arguments(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=4, num_heads=2,
+    ...     hidden_dim=16, mlp_dim=32, moe_layers=None, router="soft",
+    ...     router_config=None, num_experts=4, expert_hidden_dim=None,
+    ...     group_size=2, use_class_token=True, pooling="token",
+    ...     dropout_rate=0.0, attention_dropout=0.0, expert_dropout_rate=None,
+    ...     layer_norm_epsilon=1e-6)
+    >>> layout.moe_layer_indices, layout.sequence_length
+    ((1, 3), 17)
+    """
+    image_shape = _check_image_shape(image_shape)
+    ph, pw = vit_layers._pair(patch_size, "patch_size")
+    if image_shape[0] % ph or image_shape[1] % pw:
+        raise ValueError(
+            f"Image size {image_shape[:2]} (`image_shape`) must be divisible "
+            f"by the patch size {(ph, pw)} (`patch_size`)."
+        )
+    for arg, value in (
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+        ("hidden_dim", hidden_dim),
+        ("mlp_dim", mlp_dim),
+    ):
+        check_positive_int(arg, value)
+    if expert_hidden_dim is not None:
+        check_positive_int("expert_hidden_dim", expert_hidden_dim)
+    for arg, value in (
+        ("dropout_rate", dropout_rate),
+        ("attention_dropout", attention_dropout),
+    ):
+        check_rate(arg, value)
+    if expert_dropout_rate is not None:
+        check_rate("expert_dropout_rate", expert_dropout_rate)
+    check_positive_float("layer_norm_epsilon", layer_norm_epsilon)
+    if pooling not in ("token", "gap"):
+        raise ValueError(f"`pooling` must be 'token' or 'gap', got {pooling!r}.")
+    if pooling == "token" and not use_class_token:
+        raise ValueError(
+            "`pooling='token'` needs `use_class_token=True`; use `pooling='gap'`."
+        )
+    moe_indices = _check_moe(
+        moe_layers, num_layers, router, router_config, num_experts, group_size
+    )
+    num_patches = (image_shape[0] // ph) * (image_shape[1] // pw)
+    return BackboneLayout(
+        image_shape=image_shape,
+        patch_size=(ph, pw),
+        moe_layer_indices=moe_indices,
+        sequence_length=num_patches + int(bool(use_class_token)),
+    )
+
+
+def _check_moe(moe_layers, num_layers, router, router_config, num_experts, group_size):
+    """The MoE block indices, after checking the router arguments."""
+    if router is None:
+        if parse_moe_layers(moe_layers, num_layers):
+            raise ValueError(
+                f"`moe_layers={moe_layers!r}` needs a `router`; pass a router "
+                "name or `moe_layers=None` for a dense ViT."
+            )
+        return ()
+    _check_router_name(router)
+    if num_experts is None:
+        raise ValueError(
+            "`num_experts` must be a positive int with a router, got None."
+        )
+    check_positive_int("num_experts", num_experts)
+    check_positive_int("group_size", group_size)
+    _check_router_config(router, router_config)
+    spec = "every:2" if moe_layers is None else moe_layers
+    try:
+        return parse_moe_layers(spec, num_layers)
+    except ValueError as e:
+        raise ValueError(f"`moe_layers`: {e}") from None
+
+
+def _check_image_shape(image_shape):
+    try:
+        shape = tuple(image_shape)
+        valid = len(shape) == 3 and all(
+            not isinstance(s, bool) and int(s) == s >= 1 for s in shape
+        )
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(
+            "`image_shape` must be (height, width, channels) of positive ints, "
+            f"got {image_shape!r}."
+        )
+    return tuple(int(s) for s in shape)
+
+
+def _check_router_config(router, router_config):
+    if router_config is None:
+        return
+    if not isinstance(router_config, dict):
+        raise ValueError(
+            "`router_config` must be a dict of router arguments or None, got "
+            f"{router_config!r}."
+        )
+    from keras_vmoe.routers.registry import check_router_arguments
+
+    check_router_arguments(router, router_config, reserved=("num_experts", "name"))
+
+
+def _check_router_name(router):
+    if not isinstance(router, str):
+        raise ValueError(f"`router` must be a router name or None, got {router!r}.")
+    try:
+        from keras_vmoe.routers import ROUTER_NAMES
+    except ImportError:  # Routers not available: let routers.get() complain.
+        return
+    if router not in ROUTER_NAMES:
+        close = difflib.get_close_matches(router, ROUTER_NAMES, n=3, cutoff=0.4)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(
+            f"Unknown `router` {router!r}.{hint} Known routers: "
+            f"{list(ROUTER_NAMES)}, or None for a dense ViT."
+        )
