@@ -219,7 +219,7 @@ def test_interrupted_train_command_leaves_no_partial_preset(tmp_path, monkeypatc
     """`keras-vmoe train`: a crash while saving the preset leaves no half
     preset, keeps the backup, and `--resume` then writes the preset."""
     from keras_vmoe import cli
-    from keras_vmoe.training import command as train_command
+    from keras_vmoe.training import run_outputs
 
     out = tmp_path / "run"
     argv = ["train", "--preset", "vit_dense_s32_224", "--dataset", "digits"]
@@ -234,7 +234,7 @@ def test_interrupted_train_command_leaves_no_partial_preset(tmp_path, monkeypatc
         assert "model.weights.h5" in os.listdir(preset_dir)  # weights written
         raise Interrupted("killed while writing metadata.json")
 
-    monkeypatch.setattr(train_command, "_write_metadata", crash)
+    monkeypatch.setattr(run_outputs, "write_metadata", crash)
     with pytest.raises(Interrupted):
         cli.main(argv)
     monkeypatch.undo()

@@ -1,0 +1,217 @@
+"""The run folder of `keras-vmoe train`: logs, checkpoints, the trained preset.
+
+    run.json              the run's arguments (`--resume` reuses them)
+    history.json          per-epoch logs (`HistoryFile`)
+    log.csv               the same, from keras.callbacks.CSVLogger
+    checkpoints/best.weights.h5   best val_accuracy (ModelCheckpoint)
+    backup/               BackupAndRestoreWithRNG state while the run is unfinished
+    preset/               the trained model (`save_trained_preset`)
+
+On `--resume`, the logs are cut back to the epoch the backup resumes from.
+"""
+
+import csv
+import json
+import os
+import shutil
+
+import keras
+
+from keras_vmoe.training.arguments import RUN_FILE, run_arguments
+
+
+def prepare_run_folder(cfg):
+    """Creates the run folder; a new run clears an old one and writes run.json."""
+    out = cfg["output"]
+    os.makedirs(out, exist_ok=True)
+    if not cfg["resume"]:
+        for entry in ("backup", "preset", "checkpoints"):
+            shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
+        for entry in ("history.json", "log.csv"):
+            if os.path.exists(os.path.join(out, entry)):
+                os.remove(os.path.join(out, entry))
+        with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as f:
+            json.dump({"arguments": run_arguments(cfg)}, f, indent=2)
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Stops `fit()` after `total_steps` optimizer steps."""
+
+    def __init__(self, total_steps):
+        super().__init__()
+        self.total_steps = total_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations) >= self.total_steps:
+            self.model.stop_training = True
+
+
+class HistoryFile(keras.callbacks.Callback):
+    """Adds `learning_rate` to the logs; writes `history.json` every epoch.
+
+    The file is a dict of lists like `History.history`, plus `epoch`
+    (1-based); a metric missing at an epoch is `null`. On resume, epochs
+    from `initial_epoch` on are dropped before new ones are appended.
+    """
+
+    def __init__(self, path, initial_epoch):
+        super().__init__()
+        self.path = path
+        self.history = {}
+        if initial_epoch and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            keep = sum(1 for e in old.get("epoch", []) if e <= initial_epoch)
+            self.history = {k: list(v[:keep]) for k, v in old.items()}
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        lr = self.model.optimizer.learning_rate
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+        n = len(self.history.get("epoch", []))
+        entry = {"epoch": epoch + 1}
+        for key, value in logs.items():
+            try:
+                entry[key] = float(keras.ops.convert_to_numpy(value))
+            except (TypeError, ValueError):
+                continue
+        for key in set(self.history) | set(entry):
+            column = self.history.setdefault(key, [None] * n)
+            column.append(entry.get(key))
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.history, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def truncate_csv(path, initial_epoch):
+    """Keeps the header and the rows of epochs < initial_epoch (0-based)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < initial_epoch]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(kept)
+
+
+def best_so_far(history_path, monitor, initial_epoch):
+    """The best `monitor` value of the epochs before `initial_epoch`, or None."""
+    if not initial_epoch or not os.path.isfile(history_path):
+        return None
+    with open(history_path, encoding="utf-8") as f:
+        values = json.load(f).get(monitor, [])[:initial_epoch]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def run_callbacks(out, start, monitor, extra, backup):
+    """The logging callbacks of the run, then `extra`, then `backup`.
+
+    Args:
+        out: str. The run folder.
+        start: int. First epoch of this `fit()` (0, or the resumed epoch).
+        monitor: str. Metric that picks `checkpoints/best.weights.h5`.
+        extra: list of callbacks. Placed before the backup.
+        backup: `BackupAndRestoreWithRNG`. Last, so it saves after the rest.
+    """
+    history_path = os.path.join(out, "history.json")
+    csv_path = os.path.join(out, "log.csv")
+    return [
+        HistoryFile(history_path, start),
+        keras.callbacks.CSVLogger(csv_path, append=start > 0),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(out, "checkpoints", "best.weights.h5"),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=best_so_far(history_path, monitor, start),
+        ),
+        *extra,
+        backup,
+    ]
+
+
+def save_trained_preset(model, cfg, recipe, total, epochs):
+    """Writes `preset/` atomically, then deletes `backup/`.
+
+    Returns:
+        `(preset folder, final metrics)`: the last value of each metric in
+        `history.json`.
+    """
+    from keras_vmoe.models.atomic import atomic_directory
+
+    out = cfg["output"]
+    preset_dir = os.path.join(out, "preset")
+    history_path = os.path.join(out, "history.json")
+    # The preset is for inference and fine-tuning: leave the optimizer state
+    # out of it (Adam would triple its size). Training has ended, so the
+    # default compile() can replace the recipe's optimizer.
+    model.compile()
+    history = {}
+    if os.path.isfile(history_path):
+        with open(history_path, encoding="utf-8") as f:
+            history = json.load(f)
+    final = {k: v[-1] for k, v in history.items() if v and v[-1] is not None}
+    # Weights and metadata are written into a temporary folder that replaces
+    # `preset/` only when complete; the backup goes only after that.
+    with atomic_directory(preset_dir) as staging:
+        model.save_to_preset(staging)
+        write_metadata(staging, model, cfg, recipe, total, epochs, final)
+    shutil.rmtree(os.path.join(out, "backup"), ignore_errors=True)
+    final.pop("epoch", None)
+    return preset_dir, final
+
+
+def write_metadata(preset_dir, model, cfg, recipe, total, epochs, final):
+    """Adds sizes, cost and the training run to the preset's metadata.json."""
+    from keras_vmoe.models import cost
+
+    path = os.path.join(preset_dir, "metadata.json")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    backbone_config = model.backbone.get_config()
+    resolved = cost.resolve_backbone_config(backbone_config)
+    d = resolved["hidden_dim"]
+    rep = getattr(model, "representation_size", None)
+    params = cost.count_backbone_params(backbone_config)
+    flops = cost.backbone_flops(backbone_config)
+    meta.update(
+        {
+            "name": os.path.basename(os.path.normpath(cfg["output"])),
+            "description": (
+                f"{cfg['preset']} trained on {cfg['dataset']} for {total} steps "
+                "by keras-vmoe train."
+            ),
+            "parameter_count": params,
+            "classifier_parameter_count": params
+            + cost.count_head_params(d, model.num_classes, rep),
+            "flops_per_image": flops,
+            "classifier_flops_per_image": flops
+            + cost.head_flops(d, model.num_classes, rep),
+            "router": resolved["router"],
+            "num_experts": resolved["num_experts"],
+            "moe_layers": list(resolved["moe_indices"]),
+            "sequence_length": resolved["seq_len"],
+            "weights": "trained",
+            "training": {
+                "dataset": cfg["dataset"],
+                "train_split": cfg["train_split"],
+                "eval_split": cfg["eval_split"],
+                "recipe": recipe,
+                "steps": total,
+                "epochs": epochs,
+                "batch_size": cfg["batch_size"],
+                "learning_rate": cfg["learning_rate"],
+                "seed": cfg["seed"],
+                "source_preset": str(cfg["preset"]),
+                "final_metrics": final,
+            },
+        }
+    )
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=4)

@@ -1,0 +1,181 @@
+"""Model and data set-up of `keras-vmoe train`.
+
+`build_model` and `compile_for_run` make the classifier from the run's
+settings (`keras_vmoe.training.arguments`); `training_stream` is the
+endless, resumable stream of training batches, and `validation_data` the
+evaluation split padded to whole routing groups.
+"""
+
+from keras_vmoe.evaluation.command import crop_fraction_for, group_padded, one_line
+from keras_vmoe.training.arguments import usage_error
+
+MAX_SHUFFLE_BUFFER = 10_000
+
+
+def build_model(cfg, num_classes):
+    """The classifier of `--preset` with the overrides and the dataset's classes."""
+    from keras_vmoe.models import preset_loader
+
+    try:
+        folder = preset_loader.resolve_preset(cfg["preset"])
+        task = preset_loader.read_json(folder, "task.json", required=False) or {}
+    except ValueError as e:
+        raise usage_error(one_line(e)) from None
+    overrides = dict(cfg["overrides"])
+    # Keep a trained preset's head when it already has the dataset's classes
+    # (overriding `num_classes` re-initialises the head).
+    if task.get("config", {}).get("num_classes") != num_classes:
+        overrides["num_classes"] = num_classes
+    try:
+        return preset_loader.load_classifier(folder, **overrides)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise usage_error(
+            f"cannot build the model from --preset and --override: {one_line(e)}"
+        ) from None
+
+
+def compile_for_run(model, cfg, total_steps):
+    """Compiles `model` with the run's recipe; returns the recipe's name.
+
+    `--recipe auto` is the Soft MoE recipe for Soft MoE models with average
+    pooling, else the V-MoE recipe.
+    """
+    from keras_vmoe.training.recipe import compile_with_recipe
+
+    recipe = cfg["recipe"]
+    if recipe == "auto":
+        backbone = model.backbone
+        soft = backbone.router == "soft" and backbone.pooling == "gap"
+        recipe = "soft_moe" if soft else "vmoe"
+    try:
+        compile_with_recipe(
+            model,
+            recipe,
+            total_steps=total_steps,
+            peak_learning_rate=cfg["learning_rate"],
+            warmup_steps=cfg["warmup_steps"],
+            weight_decay=cfg["weight_decay"],
+            loss=cfg["loss"],
+            label_smoothing=cfg["label_smoothing"],
+        )
+    except ValueError as e:
+        raise usage_error(one_line(e)) from None
+    return recipe
+
+
+def pass_seed(seed, pass_index):
+    """Seed of pass `pass_index` over the training split.
+
+    Example:
+    >>> pass_seed(0, 3), pass_seed(1, 0)
+    (3, 1000003)
+    """
+    return (int(seed) * 1_000_003 + int(pass_index)) % (2**31 - 1)
+
+
+def training_stream(
+    dataset,
+    split,
+    image_shape,
+    batch_size,
+    batches_per_pass,
+    start_step=0,
+    seed=0,
+    augment=False,
+    shuffle_buffer=MAX_SHUFFLE_BUFFER,
+    data_dir=None,
+):
+    """An endless, resumable stream of training batches as a tf.data.Dataset.
+
+    Pass `p` over the split is `keras_vmoe.data.train_pipeline(...,
+    seed=pass_seed(seed, p))`, so batch `i` of the run depends only on
+    `seed` and `i`; the stream starts at batch `start_step` (it rebuilds
+    the pass that contains it and skips into it).
+
+    Args:
+        dataset: str. Dataset name.
+        split: str. Training split.
+        image_shape: tuple. `(height, width, channels)`.
+        batch_size: int.
+        batches_per_pass: int. Batches in one pass (remainder dropped).
+        start_step: int. First batch. Defaults to `0`.
+        seed: int. Defaults to `0`.
+        augment: bool. Random resized crop and flip. Defaults to `False`.
+        shuffle_buffer: int. Defaults to `10_000`.
+        data_dir: str or None. TFDS data directory. Defaults to `None`.
+
+    Returns:
+        tf.data.Dataset of `(float32 images (B, h, w, c), int32 labels (B,))`.
+    """
+    import tensorflow as tf
+
+    from keras_vmoe import data
+
+    h, w, c = image_shape
+
+    def batches():
+        pass_index, offset = divmod(int(start_step), batches_per_pass)
+        while True:
+            ds = data.train_pipeline(
+                data.load(dataset, split, data_dir=data_dir),
+                (h, w),
+                batch_size,
+                random_crop=augment,
+                flip=augment,
+                channels=c,
+                shuffle_buffer=shuffle_buffer,
+                seed=pass_seed(seed, pass_index),
+                drop_remainder=True,
+            )
+            if offset:
+                ds = ds.skip(offset)
+                offset = 0
+            yield from ds.as_numpy_iterator()
+            pass_index += 1
+
+    spec = (
+        tf.TensorSpec((batch_size, h, w, c), tf.float32),
+        tf.TensorSpec((batch_size,), tf.int32),
+    )
+    return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2)
+
+
+def training_data(cfg, image_shape, batches_per_pass, start_step, num_train):
+    """The run's `training_stream`, from batch `start_step` on.
+
+    `--augment auto` is no augmentation for the bundled datasets, else
+    random crop and flip.
+    """
+    from keras_vmoe import data
+
+    augment = cfg["augment"]
+    if augment == "auto":
+        augment = "none" if cfg["dataset"] in data.BUNDLED_NAMES else "crop_flip"
+    return training_stream(
+        cfg["dataset"],
+        cfg["train_split"],
+        image_shape,
+        cfg["batch_size"],
+        batches_per_pass,
+        start_step=start_step,
+        seed=cfg["seed"],
+        augment=augment == "crop_flip",
+        shuffle_buffer=min(num_train, MAX_SHUFFLE_BUFFER),
+        data_dir=cfg["data_dir"],
+    )
+
+
+def validation_data(cfg, image_shape, group_size):
+    """`--eval-split` batches padded to whole groups (padding weighs 0)."""
+    from keras_vmoe import data
+
+    return group_padded(
+        data.eval_pipeline(
+            data.load(cfg["dataset"], cfg["eval_split"], data_dir=cfg["data_dir"]),
+            image_shape[:2],
+            cfg["batch_size"],
+            crop_fraction=crop_fraction_for(cfg["dataset"]),
+            channels=image_shape[2],
+        ),
+        group_size,
+    )
