@@ -195,28 +195,16 @@ fits the probes and writes `fewshot/{name}/{shot}shot` into the epoch logs
 `fewshot/{name}/{shot}shot_best_l2`. `History`, `ModelCheckpoint` and
 `EarlyStopping` can then monitor them.
 
-By default the callback reads the `"pre_logits"` layer itself. A V-MoE,
-though, routes the tokens of `group_size` images together, so every batch it
-sees must hold a whole number of groups, and the few-shot sets (here
-`25 * 10 = 250` images) rarely do. A `feature_fn` solves this: it pads each
-batch with copies of its own images and drops the padding's features.
+By default the callback reads the `"pre_logits"` layer itself. A V-MoE
+routes the tokens of `group_size` images together, so every batch it sees
+must hold a whole number of groups, and the few-shot sets (here
+`25 * 10 = 250` images) rarely do. The callback takes care of it: it reads
+the group size from the model's backbone, extracts features in batches of
+whole groups and pads the last batch with zero images, whose features it
+drops.
 """
 
-GROUP_SIZE = model.backbone.group_size
-pre_logits_model = keras.Model(model.inputs, model.get_layer("pre_logits").output)
-
-
-def pad_to_groups(images):
-    """Repeats the first images of a batch to fill whole routing groups."""
-    n = len(images)
-    return np.take(images, np.arange(n + (-n % GROUP_SIZE)) % n, axis=0)
-
-
-def pre_logits_features(model, images):
-    """Pre-logits features of a batch, padded to whole routing groups."""
-    features = pre_logits_model.predict_on_batch(pad_to_groups(images))
-    return keras.ops.convert_to_numpy(features)[: len(images)]
-
+print("routing group:", callbacks.model_group_size(model), "images")
 
 """
 `evaluate_now` runs the evaluation outside `fit()`. Before any training, it
@@ -229,7 +217,6 @@ evaluator = callbacks.FewShotEvaluator(
     l2_regs=evaluation.L2_SWEEP,
     every_n_epochs=1,
     seed=0,
-    feature_fn=pre_logits_features,
     batch_size=64,
 )
 random_init = evaluator.evaluate_now(model)
@@ -295,9 +282,10 @@ pre-trained on a large upstream dataset.
 
 Any function of the model and a batch of images can provide the features.
 Here we probe the backbone's pooled output (the class token after the final
-layer norm, before the tanh projection of the pre-logits), with the same
-padding, and at a single l2 (the big_vision default `2^10`, used when
-`l2_regs` is not given).
+layer norm, before the tanh projection of the pre-logits) at a single l2
+(the big_vision default `2^10`, used when `l2_regs` is not given). The
+callback hands `feature_fn` batches of whole routing groups, padded as
+above, and drops the padding's features itself.
 """
 
 
@@ -305,9 +293,8 @@ pooled_model = keras.Model(model.inputs, model.backbone.output["pooled_output"])
 
 
 def pooled_features(model, images):
-    """The backbone's pooled output of a batch, padded to whole groups."""
-    pooled = pooled_model.predict_on_batch(pad_to_groups(images))
-    return keras.ops.convert_to_numpy(pooled)[: len(images)]
+    """The backbone's pooled output of a batch of whole routing groups."""
+    return pooled_model.predict_on_batch(images)
 
 
 pooled = callbacks.FewShotEvaluator(

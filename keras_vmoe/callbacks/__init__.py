@@ -10,7 +10,7 @@ model.fit(train_ds, epochs=10,
 ```
 """
 
-from keras_vmoe.callbacks.fewshot import FewShotEvaluator
+from keras_vmoe.callbacks.fewshot import FewShotEvaluator, model_group_size
 from keras_vmoe.callbacks.routing import RoutingStatistics
 
-__all__ = ["FewShotEvaluator", "RoutingStatistics"]
+__all__ = ["FewShotEvaluator", "RoutingStatistics", "model_group_size"]

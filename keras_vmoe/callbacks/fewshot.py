@@ -12,6 +12,11 @@ sampled indices depend on the labels and the seed only, so they are drawn
 once (exactly as `fewshot_linear_accuracy` draws them on the full training
 set) and the numbers equal `fewshot_linear_accuracy` on features of the whole
 training set.
+
+A V-MoE routes the tokens of `group_size` images together, so it only runs
+on whole groups: the callback reads the group from the model
+(`model_group_size`), extracts features in batches of whole groups and pads
+a short last batch with zero images, whose features it drops.
 """
 
 import numpy as np
@@ -20,6 +25,47 @@ from keras import callbacks, ops
 from keras_vmoe.evaluation import fewshot as fs
 
 PRE_LOGITS_LAYER = "pre_logits"
+
+
+def model_group_size(model):
+    """Images a keras_vmoe model routes together; 1 for other models.
+
+    The `group_size` of the model's `backbone` (or of the model itself when
+    it is a backbone) if it has a router and MoE layers, else 1.
+
+    Args:
+        model: keras.Model. Usually a `VisionMoEImageClassifier`.
+
+    Returns:
+        int. Every batch the model runs must be a multiple of it.
+
+    Example:
+    >>> from keras_vmoe.models import VisionMoEBackbone
+    >>> backbone = VisionMoEBackbone(
+    ...     image_shape=(8, 8, 1), patch_size=4, num_layers=2, num_heads=1,
+    ...     hidden_dim=8, mlp_dim=8, router="soft", num_experts=2, group_size=3)
+    >>> model_group_size(backbone)
+    3
+    >>> import keras
+    >>> model_group_size(keras.Sequential([keras.layers.Dense(2)]))
+    1
+    """
+    backbone = getattr(model, "backbone", model)
+    if backbone is None or getattr(backbone, "router", None) is None:
+        return 1
+    if not getattr(backbone, "moe_layer_indices", (1,)):
+        return 1
+    return int(getattr(backbone, "group_size", 1) or 1)
+
+
+def _pad_to_groups(images, group_size):
+    """`images` followed by zero images, up to a multiple of `group_size`."""
+    images = np.asarray(images)
+    missing = -len(images) % group_size
+    if not missing:
+        return images
+    zeros = np.zeros((missing,) + images.shape[1:], images.dtype)
+    return np.concatenate([images, zeros])
 
 
 def _is_dataset(obj):
@@ -97,6 +143,14 @@ class FewShotEvaluator(callbacks.Callback):
     be preprocessed as the model expects (e.g. by
     `keras_vmoe.data.eval_pipeline` or `load_arrays`).
 
+    Models that route images in groups (`model_group_size`: a keras_vmoe
+    classifier's `backbone.group_size`) get whole groups: `batch_size` is
+    rounded down to a multiple of the group, and a batch that is short of
+    whole groups (the last one, or any batch of a batched Dataset) is
+    padded with zero images before the feature model or `feature_fn` sees
+    it; the padding's features are dropped. As in any batch, the images
+    that share a group with the padding are routed together with it.
+
     Args:
         datasets: dict. Maps a name to `(train, test)`; each of those is an
             `(images, labels)` pair of NumPy arrays or a `tf.data.Dataset`
@@ -112,9 +166,11 @@ class FewShotEvaluator(callbacks.Callback):
             Defaults to `1`.
         seed: int. Seed of the few-shot sampling. Defaults to `0`.
         feature_fn: callable. `feature_fn(model, images) -> (batch, d)`
-            features. Defaults to `None` (the `"pre_logits"` layer).
+            features of a batch of whole routing groups. Defaults to `None`
+            (the `"pre_logits"` layer).
         batch_size: int. Images per feature-extraction batch (for arrays and
-            unbatched Datasets). Defaults to `256`.
+            unbatched Datasets), rounded down to whole routing groups (at
+            least one). Defaults to `256`.
         layer_name: str. Layer whose output is the feature when
             `feature_fn` is None. Defaults to `"pre_logits"`.
         verbose: int. 1 prints the accuracies after each evaluation.
@@ -246,12 +302,20 @@ class FewShotEvaluator(callbacks.Callback):
     # Features.
 
     def _features_of(self, model, images):
+        """Features of one batch, run as whole routing groups."""
+        count = len(images)
+        images = _pad_to_groups(images, model_group_size(model))
         if self.feature_fn is not None:
             out = self.feature_fn(model, images)
         else:
             out = self._default_feature_model(model).predict_on_batch(images)
         out = np.asarray(ops.convert_to_numpy(out))
-        return out.reshape(out.shape[0], -1)
+        return out.reshape(out.shape[0], -1)[:count]
+
+    def _batch_size_for(self, model):
+        """`batch_size` rounded down to whole routing groups (at least one)."""
+        group = model_group_size(model)
+        return max(group, self.batch_size // group * group)
 
     def _default_feature_model(self, model):
         if self._feature_model_of is not model:
@@ -271,10 +335,11 @@ class FewShotEvaluator(callbacks.Callback):
         return self._feature_model
 
     def _array_features(self, model, images):
+        step = self._batch_size_for(model)
         return np.concatenate(
             [
-                self._features_of(model, images[i : i + self.batch_size])
-                for i in range(0, len(images), self.batch_size)
+                self._features_of(model, images[i : i + step])
+                for i in range(0, len(images), step)
             ]
         )
 
@@ -282,7 +347,8 @@ class FewShotEvaluator(callbacks.Callback):
         if not _is_dataset(test):
             return self._array_features(model, test[0]), test[1]
         feats, labels = [], []
-        for images, batch_labels in _iterate_batches(test, self.batch_size):
+        step = self._batch_size_for(model)
+        for images, batch_labels in _iterate_batches(test, step):
             feats.append(self._features_of(model, images))
             labels.append(batch_labels)
         return np.concatenate(feats), np.concatenate(labels)

@@ -10,13 +10,16 @@ frozen `pre_logits` features. Images are resized to the model's input size
 0.875, as in `keras_vmoe.data.eval_pipeline`).
 
 The helpers here are shared with `keras-vmoe train`: V-MoE layers route
-groups of `group_size` images, so every batch fed to a model is padded to a
-multiple of the group size (by repeating its own images) and the padding is
-dropped from the results.
+groups of `group_size` images, so every batch of the test and validation
+splits fed to a model is padded to a multiple of the group size (by
+repeating its own images) and the padding is dropped from the results. The
+few-shot callback pads its own batches (with zero images).
 """
 
 import json
 import math
+
+from keras_vmoe.callbacks.fewshot import model_group_size
 
 DEFAULT_SHOTS = "1,5,10,25"
 
@@ -95,16 +98,6 @@ def crop_fraction_for(dataset):
     return None if dataset in data.BUNDLED_NAMES else 0.875
 
 
-def model_group_size(model):
-    """Images per routing group of a keras_vmoe classifier (1 if dense)."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or getattr(backbone, "router", None) is None:
-        return 1
-    if not getattr(backbone, "moe_layer_indices", (1,)):
-        return 1
-    return int(getattr(backbone, "group_size", 1) or 1)
-
-
 def model_image_shape(model):
     """`(height, width, channels)` of the model's input."""
     shape = model.inputs[0].shape
@@ -133,37 +126,6 @@ def pad_to_multiple(images, multiple):
     if size == n:
         return images, n
     return np.take(images, np.arange(size) % n, axis=0), n
-
-
-def pre_logits_feature_fn(group_size):
-    """A `FewShotEvaluator` `feature_fn` that pads batches to whole groups.
-
-    The features are the output of the classifier's `"pre_logits"` layer.
-    A V-MoE routes `group_size` images together, so a batch whose size is
-    not a multiple of it cannot run; the batch is padded with copies of its
-    own images and the padding's features are dropped.
-
-    Args:
-        group_size: int. Images per routing group.
-
-    Returns:
-        `feature_fn(model, images) -> (batch, features)`.
-    """
-    import keras
-    import numpy as np
-
-    cache = {}
-
-    def feature_fn(model, images):
-        if cache.get("model") is not model:
-            layer = model.get_layer("pre_logits")
-            cache["model"] = model
-            cache["features"] = keras.Model(model.inputs[0], layer.output)
-        padded, n = pad_to_multiple(np.asarray(images), group_size)
-        out = cache["features"].predict_on_batch(padded)
-        return keras.ops.convert_to_numpy(out)[:n]
-
-    return feature_fn
 
 
 def group_padded(dataset, group_size):
@@ -225,7 +187,6 @@ def test_accuracy(model, dataset, split="test", batch_size=256, data_dir=None):
 def fewshot_evaluator(
     names,
     image_shape,
-    group_size,
     shots,
     l2_regs=None,
     seed=0,
@@ -238,7 +199,6 @@ def fewshot_evaluator(
         names: sequence of str. Dataset names (train split for the probe,
             test split for the accuracy).
         image_shape: tuple. `(height, width, channels)` of the model input.
-        group_size: int. Images per routing group (batches are padded).
         shots: sequence of int. Examples per class.
         l2_regs: sequence of float or None. Ridge strengths. Defaults to
             `None` (2^10).
@@ -268,7 +228,6 @@ def fewshot_evaluator(
         l2_regs=tuple(l2_regs) if l2_regs else (DEFAULT_L2,),
         every_n_epochs=every_n_epochs,
         seed=seed,
-        feature_fn=pre_logits_feature_fn(group_size),
     )
 
 
@@ -380,7 +339,6 @@ def run(args):
             evaluator = fewshot_evaluator(
                 fewshot,
                 model_image_shape(model),
-                model_group_size(model),
                 shots,
                 l2_regs=L2_SWEEP if args.l2_sweep else None,
                 seed=args.seed,

@@ -116,7 +116,6 @@ def run(args, callbacks=None):
             evaluator = fewshot_evaluator(
                 cfg["fewshot_list"],
                 image_shape,
-                group,
                 cfg["shots_list"],
                 seed=cfg["seed"],
                 data_dir=cfg["data_dir"],

@@ -164,3 +164,61 @@ def test_evaluate_now_and_errors(digits):
         FewShotEvaluator({"d": (train, test)}, feature_fn=3)
     with pytest.raises(ValueError, match="`batch_size`"):
         FewShotEvaluator({"d": (train, test)}, batch_size=0)
+
+
+def test_pads_to_whole_routing_groups_and_drops_the_padding():
+    """A Soft MoE routes groups of 4 images; 10 images are not whole groups.
+
+    Soft MoE mixes every token of a group into its slots, so an image's
+    features depend on its group mates: the reference runs the model on the
+    first 8 images (a batch that divides evenly) and on the last 2 images
+    padded with 2 zero images, the padding the callback promises.
+    """
+    from keras_vmoe.callbacks import model_group_size
+    from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
+
+    keras.utils.set_random_seed(0)
+    backbone = VisionMoEBackbone(
+        image_shape=(8, 8, 1),
+        patch_size=4,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+        router="soft",
+        router_config={"num_slots": 2},
+        num_experts=2,
+        group_size=4,
+    )
+    model = VisionMoEImageClassifier(backbone, num_classes=2, representation_size=8)
+    assert model_group_size(model) == model_group_size(backbone) == 4
+    assert model_group_size(tiny_classifier()) == 1
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(10, 8, 8, 1)).astype("float32")
+    labels = np.arange(10) % 2
+
+    extractor = keras.Model(model.inputs[0], model.get_layer("pre_logits").output)
+    whole = extractor.predict_on_batch(images[:8])
+    last = extractor.predict_on_batch(
+        np.concatenate([images[8:], np.zeros_like(images[:2])])
+    )
+    expected = np.concatenate([np.asarray(whole), np.asarray(last)[:2]])
+    # Copies instead of zeros would give other features for the last group.
+    copies = extractor.predict_on_batch(np.concatenate([images[8:], images[8:]]))
+    assert not np.allclose(np.asarray(copies)[:2], expected[8:], atol=1e-4)
+
+    # batch_size 6 is rounded down to one group of 4: batches 4, 4, 2 + 2 zeros.
+    evaluator = FewShotEvaluator(
+        {"d": ((images, labels), (images, labels))}, shots=(1,), batch_size=6
+    )
+    for test in (
+        (images, labels),
+        tf.data.Dataset.from_tensor_slices((images, labels)),  # unbatched
+        tf.data.Dataset.from_tensor_slices((images, labels)).batch(4),  # 4, 4, 2
+    ):
+        features, got_labels = evaluator._test_features(model, test)
+        np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got_labels, labels)
+    # No feature_fn needed: the evaluation runs on the 2-image probe set.
+    metrics = evaluator.evaluate_now(model)
+    assert set(metrics) == {"fewshot/d/1shot"}
