@@ -51,7 +51,14 @@ def test_evaluate_marks_met_and_missed_with_reasons():
         {"backend": "jax", "model": "dense ViT", "ratio to dense": 1.0},
         {"backend": "jax", "model": "soft", "ratio to dense": 0.97},
         {"backend": "torch", "model": "dense ViT", "ratio to dense": 1.0},
-        {"backend": "torch", "model": "soft", "ratio to dense": 0.8},
+        {"backend": "torch", "model": "soft", "ratio to dense": 0.8, "step ratio": 0.9},
+        {"backend": "tensorflow", "model": "dense ViT", "ratio to dense": 1.0},
+        {
+            "backend": "tensorflow",
+            "model": "soft",
+            "ratio to dense": 0.8,
+            "step ratio": 0.7,
+        },
     ]
     rows = targets.evaluate(layer_rows, routing_rows, scaling_rows, e2e_rows)
     status = {row["target"]: row["status"] for row in rows}
@@ -80,3 +87,10 @@ def test_evaluate_marks_met_and_missed_with_reasons():
     assert "goes from 7 to 28 MB" in why[growth]
     assert status["end-to-end >= 0.85x dense ViT (jax)"] == "met"
     assert status["end-to-end >= 0.85x dense ViT (torch)"] == "missed"
+    assert (
+        "0.90x to 0.90x) meets the target"
+        in why["end-to-end >= 0.85x dense ViT (torch)"]
+    )
+    tf_why = why["end-to-end >= 0.85x dense ViT (tensorflow)"]
+    assert tf_why.endswith("is below 0.85x for soft.")
+    assert why["end-to-end >= 0.85x dense ViT (jax)"] == ""
