@@ -11,7 +11,8 @@ routers and the dense MLP do exactly the same expert FLOPs. "routing ms"
 is the layer's router alone (forward, evaluation mode) on the same groups,
 timed in the same turns, and "routing share" its fraction of the layer. One more row
 runs Soft MoE in its own setting (one image per group, 8 slots per expert:
-64 slots for 65 tokens), where its dispatch and combine cost 8x less.
+64 slots for 65 tokens), where its dispatch and combine cost 8x less, and
+one the expert matmuls alone on the slots `(E, G, C, d)`.
 """
 
 import keras
@@ -23,6 +24,7 @@ from keras_vmoe import routers
 from keras_vmoe.layers import MlpExperts, MoE
 
 D, H, E = 384, 1536, 8
+EXPERTS_ONLY = "experts only (no routing, dispatch or combine)"
 IMAGES_PER_GROUP, TOKENS_PER_IMAGE, GROUPS = 8, 65, 8
 S = IMAGES_PER_GROUP * TOKENS_PER_IMAGE
 
@@ -78,6 +80,14 @@ def run(repeats=10, router_names=None):
     steps, compile_seconds = {}, {}
     for label, layer in variants.items():
         steps[label], compile_seconds[label], _ = jax_train_step(layer, x)
+    # The expert matmuls alone on the slots (E, G, C, d), C = S / E: what
+    # the sparse layers would cost if routing, dispatch and combine were free.
+    slots = np.random.default_rng(1).normal(size=(E, GROUPS, S // E, D))
+    label = EXPERTS_ONLY
+    steps[label], compile_seconds[label], _ = jax_train_step(
+        MlpExperts(E, H), slots.astype("float32")
+    )
+    variants[label] = None
     # Each index-dispatch layer's routing step alone (its router's forward
     # on the same groups), timed in the same turns: the router's share.
     routing_labels = {}
