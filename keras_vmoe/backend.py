@@ -4,6 +4,9 @@ Order-stable top-k: routers must agree on every backend, so ties must break
 the same way everywhere: on equal values the lower index wins.
 `jax.lax.top_k` and `tf.math.top_k` already guarantee this; `torch.topk`
 does not, so torch fixes up its ties (or sorts stably when k is large).
+Under a `keras.distribution` device mesh, JAX sorts stably too: XLA would
+replicate a TopK on every device (all-gathering its operand), while it keeps
+a sort sharded along the batch dimensions.
 
 Per-group gather and segment sum: routing indexes tokens within their own
 group. On JAX these are written as `vmap`s over the group axis, so XLA sees
