@@ -2,12 +2,11 @@
 
 `keras.distribution` shards variables and data on the JAX backend only, so
 the sharding tests skip on TensorFlow (data parallel with `tf.distribute`:
-see `test_tf_mirrored.py`) and torch (single device). The layout map itself,
-the MoE `expert_axis` argument and the docstring examples are checked on
-every backend.
+see `test_tf_mirrored.py`) and torch (single device). The layout map itself
+and the MoE `expert_axis` argument are checked on every backend (the docstring
+examples run in tests/test_docstring_examples.py).
 """
 
-import doctest
 import inspect
 import os
 import re
@@ -150,22 +149,6 @@ def test_moe_expert_axis_config_and_noop_without_distribution():
     assert restored.expert_axis == "experts"
     with pytest.raises(ValueError, match="expert_axis"):
         make(expert_axis=3)
-
-
-def test_docstring_examples():
-    finder = doctest.DocTestFinder()
-    runner = doctest.DocTestRunner(
-        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-    )
-    tests = [
-        t
-        for t in finder.find(vmoe_distribution, "keras_vmoe.distribution")
-        if t.examples
-    ]
-    assert len(tests) >= 4
-    for test in tests:
-        runner.run(test)
-    assert runner.summarize(verbose=False).failed == 0
 
 
 def test_readme_scaling_out_section():

@@ -335,12 +335,3 @@ def test_bad_rank_and_k():
         ksparse_simplex_projection(np.ones((3,), "float32"), 0)
     with pytest.raises(ValueError, match="x"):
         ksparse_simplex_projection(np.float32(1.0), 1)
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import keras_vmoe.ot.sparse
-
-    result = doctest.testmod(keras_vmoe.ot.sparse, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
