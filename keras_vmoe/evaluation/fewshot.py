@@ -128,6 +128,12 @@ def fewshot_indices(train_labels, shot, seed=0, classes=None):
     chosen = []
     for c in classes:
         members = perm[permuted == c]
+        if members.size == 0:
+            raise ValueError(
+                f"Class {int(c)} is missing from the training split "
+                "(`train_labels` has no example of it): few-shot evaluation "
+                "cannot learn it."
+            )
         if members.size < shot:
             raise ValueError(
                 f"shot={shot} needs {shot} training examples of class {int(c)}, "

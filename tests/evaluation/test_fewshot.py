@@ -154,8 +154,11 @@ def test_error_cases():
         evaluation.fewshot_linear_accuracy(x, y, x, y, shots=(1, 2))
     with pytest.raises(ValueError, match=r"Classes \[7\].*`test_labels`"):
         evaluation.fewshot_linear_accuracy(x, y, x[:1], np.array([7]), shots=(1,))
-    with pytest.raises(ValueError, match=r"class 3\b.*only 0"):
+    # Class 3 of num_classes=4 has no training example: named, not skipped.
+    with pytest.raises(ValueError, match=r"Class 3 is missing from the training"):
         evaluation.fewshot_linear_accuracy(x, y, x, y, shots=(1,), num_classes=4)
+    with pytest.raises(ValueError, match=r"Class 5 is missing from the training"):
+        fs.fewshot_indices(y, 1, classes=[0, 5])
     with pytest.raises(ValueError, match="outside"):
         evaluation.fewshot_linear_accuracy(x, y, x, y, shots=(1,), num_classes=2)
     with pytest.raises(ValueError, match="`shots`"):
