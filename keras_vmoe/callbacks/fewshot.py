@@ -123,6 +123,30 @@ def _check_split(split, dataset_name, which):
     return images, labels
 
 
+def _check_seeds(seed, seeds):
+    """`seeds` (or `(seed,)`) as a tuple of distinct ints."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"`seed` must be an int, got {seed!r}.")
+    if seeds is None:
+        return (int(seed),)
+    if seed != 0:
+        raise ValueError("Give `seed` or `seeds`, not both.")
+    seeds = (seeds,) if isinstance(seeds, (int, np.integer)) else seeds
+    try:
+        seeds = tuple(seeds)
+    except TypeError:
+        seeds = None
+    if (
+        not seeds
+        or not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds
+        )
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ValueError(f"`seeds` must be an int or distinct ints, got {seeds!r}.")
+    return tuple(int(s) for s in seeds)
+
+
 class FewShotEvaluator(callbacks.Callback):
     """Few-shot linear-probe accuracy of frozen features, every n epochs.
 
@@ -134,6 +158,9 @@ class FewShotEvaluator(callbacks.Callback):
     - `fewshot/{name}/{shot}shot`: test accuracy (the best over `l2_regs`);
     - `fewshot/{name}/{shot}shot_best_l2`: the l2 reaching it (only when
       several `l2_regs` are given).
+
+    With several `seeds` (big_vision evaluates 3), each accuracy is the mean
+    over the seeds' few-shot draws, and the best l2 is chosen on that mean.
 
     Features: `feature_fn(model, images)` if given; otherwise the output of
     the model's layer named `"pre_logits"` (`layer_name`), which the
@@ -165,6 +192,10 @@ class FewShotEvaluator(callbacks.Callback):
         every_n_epochs: int. Evaluate after epochs `n, 2n, ...` (1-based).
             Defaults to `1`.
         seed: int. Seed of the few-shot sampling. Defaults to `0`.
+        seeds: int or sequence of int. Seeds of the few-shot sampling; the
+            reported accuracies are means over them (`last_results_per_seed`
+            keeps each). Give `seed` or `seeds`, not both. Defaults to
+            `None` (`(seed,)`).
         feature_fn: callable. `feature_fn(model, images) -> (batch, d)`
             features of a batch of whole routing groups. Defaults to `None`
             (the `"pre_logits"` layer).
@@ -196,6 +227,7 @@ class FewShotEvaluator(callbacks.Callback):
         l2_regs=(fs.DEFAULT_L2,),
         every_n_epochs=1,
         seed=0,
+        seeds=None,
         feature_fn=None,
         batch_size=256,
         layer_name=PRE_LOGITS_LAYER,
@@ -229,8 +261,7 @@ class FewShotEvaluator(callbacks.Callback):
             raise ValueError(
                 f"`every_n_epochs` must be a positive int, got {every_n_epochs!r}."
             )
-        if not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"`seed` must be an int, got {seed!r}.")
+        self.seeds = _check_seeds(seed, seeds)
         if feature_fn is not None and not callable(feature_fn):
             raise ValueError(
                 f"`feature_fn` must be callable or None, got {feature_fn!r}."
@@ -244,12 +275,13 @@ class FewShotEvaluator(callbacks.Callback):
                 f"`layer_name` must be a non-empty str, got {layer_name!r}."
             )
         self.every_n_epochs = every_n_epochs
-        self.seed = int(seed)
+        self.seed = self.seeds[0]
         self.feature_fn = feature_fn
         self.batch_size = batch_size
         self.layer_name = layer_name
         self.verbose = verbose
         self.last_results = {}
+        self.last_results_per_seed = {}
         self._probe_sets = {}
         self._feature_model = None
         self._feature_model_of = None
@@ -260,7 +292,7 @@ class FewShotEvaluator(callbacks.Callback):
     # Few-shot training subsets (drawn once).
 
     def _probe_set(self, name):
-        """`(images of the sampled union, labels, {shot: rows}, classes)`."""
+        """`(images of the sampled union, labels, {(seed, shot): rows}, classes)`."""
         if name in self._probe_sets:
             return self._probe_sets[name]
         train = self.datasets[name][0]
@@ -272,7 +304,8 @@ class FewShotEvaluator(callbacks.Callback):
             labels = train[1]
         classes = np.unique(labels)
         per_shot = {
-            shot: fs.fewshot_indices(labels, shot, seed=self.seed, classes=classes)
+            (seed, shot): fs.fewshot_indices(labels, shot, seed=seed, classes=classes)
+            for seed in self.seeds
             for shot in self.shots
         }
         union = np.unique(np.concatenate(list(per_shot.values())))
@@ -365,7 +398,9 @@ class FewShotEvaluator(callbacks.Callback):
         Returns:
             Dict of the metrics written to the logs, e.g.
             `{"fewshot/digits/5shot": 0.93}`; the full `{dataset: {shot:
-            {l2: accuracy}}}` is kept in `self.last_results`.
+            {l2: accuracy}}}` (means over the seeds) is kept in
+            `self.last_results`, and each seed's in
+            `self.last_results_per_seed[seed]`.
 
         Example:
 
@@ -377,19 +412,30 @@ class FewShotEvaluator(callbacks.Callback):
         if model is None:
             raise ValueError("`model` is required when the callback is not attached.")
         metrics, results = {}, {}
+        per_seed = {seed: {} for seed in self.seeds}
         for name, (_, test) in self.datasets.items():
             images, labels, rows, classes = self._probe_set(name)
             train_features = self._array_features(model, images)
             test_features, test_labels = self._test_features(model, test)
+            for seed in self.seeds:
+                per_seed[seed][name] = {
+                    shot: fs.linear_probe_accuracy(
+                        train_features[rows[seed, shot]],
+                        labels[rows[seed, shot]],
+                        test_features,
+                        test_labels,
+                        self.l2_regs,
+                        classes=classes,
+                    )
+                    for shot in self.shots
+                }
             results[name] = {
-                shot: fs.linear_probe_accuracy(
-                    train_features[rows[shot]],
-                    labels[rows[shot]],
-                    test_features,
-                    test_labels,
-                    self.l2_regs,
-                    classes=classes,
-                )
+                shot: {
+                    l2: float(
+                        np.mean([per_seed[s][name][shot][l2] for s in self.seeds])
+                    )
+                    for l2 in self.l2_regs
+                }
                 for shot in self.shots
             }
             for shot, (l2, acc) in fs.best_l2(results[name]).items():
@@ -397,6 +443,7 @@ class FewShotEvaluator(callbacks.Callback):
                 if len(self.l2_regs) > 1:
                     metrics[f"fewshot/{name}/{shot}shot_best_l2"] = l2
         self.last_results = results
+        self.last_results_per_seed = per_seed
         if self.verbose:
             print(" - ".join(f"{k}: {v:.4g}" for k, v in metrics.items()))
         return metrics

@@ -1,5 +1,9 @@
 """FewShotEvaluator writes the few-shot accuracies into the epoch logs."""
 
+import csv
+import importlib.util
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -222,3 +226,162 @@ def test_pads_to_whole_routing_groups_and_drops_the_padding():
     # No feature_fn needed: the evaluation runs on the 2-image probe set.
     metrics = evaluator.evaluate_now(model)
     assert set(metrics) == {"fewshot/d/1shot"}
+
+
+def _arrays_of(dataset):
+    """All `(images, int labels)` of a batched tf.data pipeline, in order."""
+    images, labels = zip(*dataset.as_numpy_iterator(), strict=True)
+    labels = np.concatenate(labels)
+    return np.concatenate(images), labels.argmax(-1) if labels.ndim == 2 else labels
+
+
+def _tensorboard_scalars(log_dir, tag):
+    """Values of one scalar tag in the event files under `log_dir`."""
+    values = []
+    for root, _, files in os.walk(log_dir):
+        for name in sorted(files):
+            if not name.startswith("events.out.tfevents"):
+                continue
+            path = os.path.join(root, name)
+            for event in tf.compat.v1.train.summary_iterator(path):
+                for value in event.summary.value:
+                    if value.tag == tag:
+                        values.append(float(tf.make_ndarray(value.tensor)))
+    return values
+
+
+def test_keras_vmoe_data_pipelines_and_the_standard_callbacks(tmp_path):
+    """`keras_vmoe.data` pipelines as datasets; the keys drive ModelCheckpoint,
+    EarlyStopping, CSVLogger (and TensorBoard) listed after the evaluator."""
+    from keras_vmoe import data
+
+    def pipeline(split, **kwargs):
+        return data.eval_pipeline(
+            data.load("digits", split), 8, 128, crop_fraction=None, **kwargs
+        )
+
+    train_ds = pipeline("train")  # int labels, TFDS order
+    test_ds = pipeline("test", num_classes=10)  # one-hot labels
+    train, test = _arrays_of(train_ds), _arrays_of(test_ds)
+    assert train[0].shape == (1437, 8, 8, 1) and test[0].shape == (360, 8, 8, 1)
+    keras.utils.set_random_seed(0)
+    model = tiny_classifier()
+    key = "fewshot/pipe/5shot"
+    evaluator = FewShotEvaluator(
+        {"pipe": (train_ds, test_ds)}, shots=SHOTS, l2_regs=L2S, batch_size=100
+    )
+    expected = []
+
+    def record(epoch, logs):  # same weights the evaluator just used
+        expected.append(expected_metrics(model, train, test, "pipe"))
+
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "best.weights.h5"),
+        monitor=key,
+        mode="max",
+        save_best_only=True,
+        save_weights_only=True,
+    )
+    # min_delta 1.0 cannot be met after the first epoch: patience 0 stops
+    # after epoch 2 of 4, but only if EarlyStopping reads the key (a missing
+    # monitor only warns and training runs all 4 epochs).
+    early = keras.callbacks.EarlyStopping(
+        monitor=key, mode="max", min_delta=1.0, patience=0
+    )
+    callbacks = [
+        evaluator,
+        keras.callbacks.LambdaCallback(on_epoch_end=record),
+        checkpoint,
+        early,
+        keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+    ]
+    # Keras' TensorBoard callback needs the `tensorboard` package (not a
+    # keras_vmoe dependency); where it is installed, check the event files.
+    with_tensorboard = importlib.util.find_spec("tensorboard") is not None
+    if with_tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(str(tmp_path / "tb")))
+    history = model.fit(
+        train[0][:256],
+        train[1][:256],
+        batch_size=64,
+        epochs=4,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    assert len(expected) == 2 and early.stopped_epoch == 1
+    for name in (key, "fewshot/pipe/1shot", "fewshot/pipe/5shot_best_l2"):
+        got = history.history[name]
+        assert got == pytest.approx([e[name] for e in expected]), name
+    assert all(0.1 < a <= 1.0 for a in history.history[key])
+    assert checkpoint.best == pytest.approx(max(history.history[key]))
+    assert os.path.isfile(tmp_path / "best.weights.h5")
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r[key]) for r in rows] == pytest.approx(history.history[key])
+    if with_tensorboard:
+        logged = _tensorboard_scalars(str(tmp_path / "tb" / "train"), "epoch_" + key)
+        assert logged == pytest.approx(history.history[key], abs=1e-6)
+
+
+def test_seeds_average_the_direct_calls(digits):
+    """Raw pixels as features: no model dependence, exact comparison."""
+    train, test = digits
+    model = tiny_classifier()
+
+    def pixels(m, images):
+        return np.asarray(images).reshape(len(images), -1)
+
+    seeds = (0, 1, 2)
+    evaluator = FewShotEvaluator(
+        {"raw": (train, test)},
+        shots=SHOTS,
+        l2_regs=L2S,
+        seeds=seeds,
+        feature_fn=pixels,
+    )
+    metrics = evaluator.evaluate_now(model)
+    direct = {
+        seed: fewshot_linear_accuracy(
+            pixels(None, train[0]),
+            train[1],
+            pixels(None, test[0]),
+            test[1],
+            shots=SHOTS,
+            l2_regs=L2S,
+            seed=seed,
+        )
+        for seed in seeds
+    }
+    for shot in SHOTS:
+        mean = {l2: np.mean([direct[s][shot][l2] for s in seeds]) for l2 in L2S}
+        best = max(L2S, key=lambda l2: mean[l2])
+        assert metrics[f"fewshot/raw/{shot}shot"] == pytest.approx(mean[best])
+        assert metrics[f"fewshot/raw/{shot}shot_best_l2"] == best
+        assert evaluator.last_results["raw"][shot] == pytest.approx(mean)
+        for seed in seeds:
+            assert (
+                evaluator.last_results_per_seed[seed]["raw"][shot]
+                == (direct[seed][shot])
+            )
+    # The seeds draw different 1-shot sets, so their accuracies differ.
+    assert len({direct[s][1][1024.0] for s in seeds}) > 1
+    # One seed given either way is the plain single-seed evaluation.
+    single = FewShotEvaluator(
+        {"raw": (train, test)}, shots=(1,), seeds=2, feature_fn=pixels
+    ).evaluate_now(model)
+    assert single["fewshot/raw/1shot"] == direct[2][1][1024.0]
+    for bad in ((), (1, 1), (0.5,), "ab", True):
+        with pytest.raises(ValueError, match="`seeds`"):
+            FewShotEvaluator({"raw": (train, test)}, seeds=bad)
+    with pytest.raises(ValueError, match="not both"):
+        FewShotEvaluator({"raw": (train, test)}, seed=3, seeds=(1, 2))
+
+
+def test_a_class_missing_from_the_training_split_is_reported(digits):
+    train, test = digits
+    no_nines = train[1] != 9
+    evaluator = FewShotEvaluator(
+        {"d": ((train[0][no_nines], train[1][no_nines]), test)}, shots=(1,)
+    )
+    with pytest.raises(ValueError, match=r"Classes \[9\] appear in `test_labels`"):
+        evaluator.evaluate_now(tiny_classifier())
