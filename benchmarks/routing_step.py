@@ -10,9 +10,18 @@ routers factor 2.0 (the same expert compute), Soft MoE 2*S/E slots per
 expert. On JAX each router call is jitted (`stateless_call` under
 `jax.jit`); other backends run eagerly. All routers are measured side by
 side in one process: warm-up, then the median of repeated runs.
+
+One more row, `SOLVE_FLOOR`, bounds what any faster selection could give the
+Sparsity-constrained router. It times the router's sparse OT solve alone
+(`sparse_ot_plan_with_top_k` on the router's similarities) with each of its
+top-k calls replaced by taking the first k tokens of every expert column:
+no selection at all, the same shapes and the same elementwise work (wrong
+routing, of course). Whatever selection algorithm the solver used, the
+router's step could not cost less than the gating plus this row.
 """
 
 import time
+from unittest import mock
 
 import keras
 import numpy as np
@@ -20,6 +29,7 @@ from keras import ops
 
 from benchmarks.common import interleaved_median_times, markdown_table
 from keras_vmoe import routers
+from keras_vmoe.ot import sparse
 
 G, S, E, D = 8, 8 * 65, 32, 384
 BASELINE = "softmax_expert_choice"
@@ -31,6 +41,58 @@ ROUTER_SETTINGS = {
     "sparsity_constrained_expert_choice": dict(capacity_factor=2.0),
     "soft": dict(capacity_factor=2.0),
 }
+SPARSITY = "sparsity_constrained_expert_choice"
+SOLVE_FLOOR = "sparse OT solve alone, no top-k (floor)"
+
+
+def _first_k_and_threshold(x, k, lower_bound=None):
+    """The solver's `_top_k_and_threshold` without the selection.
+
+    Takes the first `k` entries of each row as the "top-k" and computes the
+    simplex threshold over them as the solver does; skips the pruning pass
+    (`lower_bound`), which only serves the selection.
+    """
+    del lower_bound
+    values = x[..., :k]  # (..., k)
+    indices = ops.broadcast_to(ops.arange(k, dtype="int32"), values.shape)
+    ranks = ops.arange(1, k + 1, dtype="float32")  # (k,)
+    tau = ops.max((ops.cumsum(values, axis=-1) - 1.0) / ranks, axis=-1, keepdims=True)
+    return values, indices, tau
+
+
+def _solve_floor_step(router, x):
+    """A step running the router's solve with `_first_k_and_threshold`.
+
+    Args:
+        router: a built `SparsityConstrainedExpertChoiceRouter`.
+        x: np.ndarray. Token groups `(G, S, d)`.
+
+    Returns:
+        `(step, compile_seconds)` as `make_step`.
+    """
+    _, logits = router.gating_logits(ops.convert_to_tensor(x), False)
+    similarity = ops.softmax(logits, axis=-1)  # (G, S, E)
+    capacity = router.group_capacity(S, False)
+
+    def solve(similarity):
+        with mock.patch.object(sparse, "_top_k_and_threshold", _first_k_and_threshold):
+            return sparse.sparse_ot_plan_with_top_k(
+                similarity, capacity, router.num_steps, router.learning_rate
+            )
+
+    if keras.backend.backend() != "jax":
+
+        def step():
+            return [ops.convert_to_numpy(t) for t in solve(similarity)]
+
+        return step, 0.0
+
+    import jax
+
+    start = time.perf_counter()
+    compiled = jax.jit(solve).lower(similarity).compile()
+    compile_seconds = time.perf_counter() - start
+    return lambda: jax.block_until_ready(compiled(similarity)), compile_seconds
 
 
 def _routing_tensors(routing):
@@ -88,12 +150,13 @@ def run(rounds=5, per_round=4, warmup=3, names=None):
             all of them is reported). Defaults to 4.
         warmup: int. Untimed runs first. Defaults to 3.
         names: list of str. Routers to time (registry names); the baseline
-            is always included. Defaults to all six.
+            is always included. Defaults to all six. The `SOLVE_FLOOR` row
+            is added when the Sparsity-constrained router is timed.
 
     Returns:
-        list of dicts, one per router: `router`, `capacity`, `median_ms`,
-        `compile_s`, `ratio_vs_softmax_ec` (median time over the
-        baseline's).
+        list of dicts, one per router (and `SOLVE_FLOOR`): `router`,
+        `capacity`, `median_ms`, `compile_s`, `ratio_vs_softmax_ec` (median
+        time over the baseline's).
     """
     names = list(names or ROUTER_SETTINGS)
     if BASELINE not in names:
@@ -104,10 +167,19 @@ def run(rounds=5, per_round=4, warmup=3, names=None):
     for name in names:
         router = routers.get(name, num_experts=E, **ROUTER_SETTINGS[name])
         steps[name], compile_seconds = make_step(router, x)
-        capacity = _routing_tensors(router(x))[0].shape[-1]
+        capacity = int(_routing_tensors(router(x))[0].shape[-1])
         results.append(
-            {"router": name, "capacity": int(capacity), "compile_s": compile_seconds}
+            {"router": name, "capacity": capacity, "compile_s": compile_seconds}
         )
+        if name == SPARSITY:
+            steps[SOLVE_FLOOR], compile_seconds = _solve_floor_step(router, x)
+            results.append(
+                {
+                    "router": SOLVE_FLOOR,
+                    "capacity": capacity,
+                    "compile_s": compile_seconds,
+                }
+            )
     medians = interleaved_median_times(steps, rounds * per_round, warmup)
     baseline = medians[BASELINE]
     for row in results:

@@ -1,8 +1,9 @@
 """`benchmarks/targets.py`: the target table BENCHMARKS.md ends with."""
 
+import numpy as np
 import pytest
 
-from benchmarks import moe_layer, targets
+from benchmarks import moe_layer, routing_step, targets
 
 
 def layer_row(router, ratio, ms=100.0, routing_ms=1.0):
@@ -38,7 +39,17 @@ def test_evaluate_marks_met_and_missed_with_reasons():
             "router": "sinkhorn_token_choice",
             "ratio_vs_softmax_ec": 1.2,
             "median_ms": 10.0,
-        }
+        },
+        {
+            "router": "sparsity_constrained_expert_choice",
+            "ratio_vs_softmax_ec": 8.0,
+            "median_ms": 20.0,
+        },
+        {
+            "router": routing_step.SOLVE_FLOOR,
+            "ratio_vs_softmax_ec": 1.234,
+            "median_ms": 3.0,
+        },
     ]
     scaling_rows = [
         {"S": 256, "dispatch": "index", "ratio to dense": 2.0, "temp MB": 7.0},
@@ -80,6 +91,12 @@ def test_evaluate_marks_met_and_missed_with_reasons():
     )
     key = "routing step <= 1.5x Softmax Expert Choice: sinkhorn_token_choice"
     assert status[key] == "met" and why[key] == ""
+    key = (
+        "routing step <= 1.5x Softmax Expert Choice: sparsity_constrained_expert_choice"
+    )
+    assert status[key] == "missed"
+    assert "the solve alone takes 1.23x of Softmax Expert Choice" in why[key]
+    assert routing_step.SOLVE_FLOOR not in " ".join(status)  # not a target itself
     # 10 ms of routing over a 200 ms layer = 5%.
     share = [r for r in rows if r["target"].startswith("routing step <= 15%")]
     assert share[0]["measured"].startswith("5.0%") and share[0]["status"] == "met"
@@ -100,3 +117,27 @@ def test_evaluate_marks_met_and_missed_with_reasons():
     tf_why = why[TF]
     assert tf_why.endswith("is below 0.85x for soft.")
     assert why["end-to-end >= 0.85x dense ViT (jax)"] == ""
+
+
+def test_solve_floor_skips_the_selection_only():
+    values, indices, tau = routing_step._first_k_and_threshold(
+        np.array([[0.5, 0.2, 0.9]], "float32"), 2
+    )
+    # The first two entries, unsorted; tau = max((0.5 - 1) / 1, (0.7 - 1) / 2).
+    np.testing.assert_allclose(np.asarray(values), [[0.5, 0.2]])
+    assert np.asarray(indices).tolist() == [[0, 1]]
+    np.testing.assert_allclose(np.asarray(tau), [[-0.15]], rtol=1e-6)
+
+
+def test_routing_step_reports_the_solve_floor_beside_its_router():
+    rows = routing_step.run(
+        rounds=1, per_round=1, warmup=0, names=["sparsity_constrained_expert_choice"]
+    )
+    names = [row["router"] for row in rows]
+    assert names == [
+        "softmax_expert_choice",
+        "sparsity_constrained_expert_choice",
+        routing_step.SOLVE_FLOOR,
+    ]
+    assert rows[0]["ratio_vs_softmax_ec"] == 1.0
+    assert all(row["median_ms"] > 0 and row["capacity"] == 36 for row in rows)
