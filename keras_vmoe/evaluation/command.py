@@ -225,7 +225,7 @@ def fewshot_evaluator(
     return FewShotEvaluator(
         datasets,
         shots=shots,
-        l2_regs=tuple(l2_regs) if l2_regs else (DEFAULT_L2,),
+        l2_regs=(DEFAULT_L2,) if l2_regs is None else tuple(l2_regs),
         every_n_epochs=every_n_epochs,
         seed=seed,
     )

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from keras_vmoe import cli, data
-from keras_vmoe.evaluation import fewshot_linear_accuracy
+from keras_vmoe.evaluation import L2_SWEEP, best_l2, fewshot_linear_accuracy
 from keras_vmoe.models import from_preset
 
 TINY = dict(
@@ -152,3 +152,25 @@ def test_eval_bad_arguments_exit_2(preset, tmp_path, capsys):
     three = _save_preset(tmp_path / "three", num_classes=3, dataset=None)
     assert cli.main(["eval", "--preset", three, "--dataset", "digits"]) == 2
     assert "the model has 3 classes but 'digits' has 10" in _one_line_error(capsys)
+
+
+def test_eval_l2_sweep_reports_the_best_l2(preset, capsys):
+    argv = ["eval", "--preset", preset, "--fewshot", "digits", "--shots", "1,5"]
+    assert cli.main([*argv, "--l2-sweep", "--seed", "3", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+
+    model = from_preset(preset)
+    x_train, y_train = data.load_arrays("digits", "train", image_size=8, channels=3)
+    x_test, y_test = data.load_arrays("digits", "test", image_size=8, channels=3)
+    f_train, _ = _features_and_logits(model, x_train)
+    f_test, _ = _features_and_logits(model, x_test)
+    expected = best_l2(
+        fewshot_linear_accuracy(
+            f_train, y_train, f_test, y_test, shots=(1, 5), l2_regs=L2_SWEEP, seed=3
+        )
+    )
+    for shot in (1, 5):
+        l2, acc = expected[shot]
+        assert results[f"fewshot/digits/{shot}shot"] == pytest.approx(acc, abs=1e-9)
+        assert results[f"fewshot/digits/{shot}shot_best_l2"] == l2
+        assert l2 in L2_SWEEP
