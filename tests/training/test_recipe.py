@@ -115,9 +115,134 @@ def test_weight_decay_touches_exactly_the_intended_variables():
     assert clone.weight_decay_rate_for("head/kernel") == 3.0
 
 
-def test_global_norm_clipping():
-    opt = DecoupledWeightDecayAdam(1.0, weight_decay_rules=[], global_clipnorm=1.0)
-    assert opt.global_clipnorm == 1.0
+def _two_adam_steps(**kwargs):
+    """Two Adam steps (lr 0.1, no decay) on two (1,) variables from 0.
+
+    Gradients (3, 4) then (0.3, 0.4): global norms 5 and 0.5.
+    """
+    a, b = keras.Variable([0.0], name="a"), keras.Variable([0.0], name="b")
+    opt = DecoupledWeightDecayAdam(0.1, weight_decay_rules=[], **kwargs)
+    for ga, gb in ((3.0, 4.0), (0.3, 0.4)):
+        opt.apply([ops.array([ga]), ops.array([gb])], [a, b])
+    return float(ops.convert_to_numpy(a)[0]), float(ops.convert_to_numpy(b)[0])
+
+
+def test_global_norm_clipping_hand_values():
+    # Keras' Adam: m = .9 m + .1 g, v = .999 v + .001 g^2,
+    # w -= lr * sqrt(1 - .999^t) / (1 - .9^t) * m / (sqrt(v) + eps).
+    # Step 1 moves every variable by lr = 0.1 whatever the gradient's size.
+    # Clipped to global norm 1: g1 = (0.6, 0.8), g2 = (0.3, 0.4) (norm 0.5,
+    # kept). Variable a at step 2: m = .9 * .06 + .1 * .3 = .084,
+    # v = .999 * .00036 + .001 * .09 = .00044964, sqrt(v) = .0212047,
+    # lr * sqrt(.001999) / .19 = 0.1 * .235317, so the step is
+    # .0235317 * .084 / .0212047 = .0932180; a = -(0.1 + .0932180) = -.193218.
+    # Both gradients keep their 3:4 ratio, so b moves the same.
+    clipped = _two_adam_steps(global_clipnorm=1.0)
+    np.testing.assert_allclose(clipped, [-0.193218, -0.193218], rtol=1e-5)
+    # Without clipping step 2 is .0235317 * .3 / .0952943 = .0740809.
+    unclipped = _two_adam_steps(global_clipnorm=None)
+    np.testing.assert_allclose(unclipped, [-0.174081, -0.174081], rtol=1e-5)
+    # Per-variable clipping (Keras' clipnorm) would clip a to 1 and b to 1
+    # at step 1 and move them apart: -0.185570, -0.189857. Global is not that.
+    each = _two_adam_steps(global_clipnorm=None, clipnorm=1.0)
+    np.testing.assert_allclose(each, [-0.185570, -0.189857], rtol=5e-5)
+    assert DecoupledWeightDecayAdam().global_clipnorm == 1.0  # the recipe's
+
+
+TINY_MODEL = dict(
+    num_classes=4,
+    image_size=8,
+    patch_size=4,
+    num_layers=2,
+    hidden_dim=8,
+    mlp_dim=16,
+    num_heads=2,
+    num_experts=4,
+)
+
+
+def _decay_after_one_step(model, recipe):
+    """{path: rate} that one optimizer step with zero gradients applied.
+
+    With zero gradients the Adam step is 0, so a variable of ones becomes
+    1 - lr * rate: the rate is read back from the weights themselves.
+    """
+    from keras_vmoe.training import compile_with_recipe
+
+    lr = 0.01
+    compile_with_recipe(
+        model,
+        recipe,
+        total_steps=10,
+        schedule="constant",
+        warmup_steps=0,
+        peak_learning_rate=lr,
+    )
+    variables = model.trainable_variables
+    for v in variables:
+        v.assign(np.ones(v.shape, "float32"))
+    model.optimizer.apply([ops.zeros(v.shape) for v in variables], variables)
+    rates = {}
+    for v in variables:
+        after = ops.convert_to_numpy(v)
+        rate = (1.0 - after) / lr
+        np.testing.assert_allclose(rate, rate.flat[0], atol=1e-3, err_msg=v.path)
+        rates[v.path] = round(float(rate.flat[0]), 4)
+    return rates
+
+
+def test_recipe_decay_touches_exactly_the_kernels_head_and_scale():
+    from keras_vmoe.models import from_preset
+
+    # Soft MoE (2 blocks, both MoE): 3.0 on the head kernel; 0.03 on the
+    # patch-embedding kernel, per block on 4 attention kernels, 2 expert
+    # kernels and the router's scalar `scale`; nothing else (biases, layer
+    # norms, position embedding, slot embeddings).
+    model = from_preset("soft_moe_s16_e128_224", **TINY_MODEL)
+    rates = _decay_after_one_step(model, "soft_moe")
+    decayed = {p: r for p, r in rates.items() if r != 0.0}
+    attention = ("query", "key", "value", "attention_output")
+    expected = {"head/kernel": 3.0, "patch_embedding/conv/kernel": 0.03}
+    for block in ("encoder_block_0", "encoder_block_1"):
+        expected[f"{block}/moe/router/scale"] = 0.03
+        for name in ("intermediate_kernel", "output_kernel"):
+            expected[f"{block}/moe/experts/{name}"] = 0.03
+        for name in attention:
+            expected[f"{block}/attention/{name}/kernel"] = 0.03
+    assert decayed == expected
+    assert len(rates) - len(decayed) == 27  # left alone, e.g.:
+    for path in (
+        "head/bias",
+        "position_embedding/embeddings",
+        "encoder_block_0/moe/router/slot_embeddings",
+        "encoder_norm/gamma",
+    ):
+        assert rates[path] == 0.0
+
+    # V-MoE (MoE in block 1): 0.1 on every kernel, head and router included.
+    model = from_preset(
+        "vmoe_softmax_tc_s32_e32_224",
+        group_size=2,
+        representation_size=8,
+        **TINY_MODEL,
+    )
+    rates = _decay_after_one_step(model, "vmoe")
+    decayed = {p: r for p, r in rates.items() if r != 0.0}
+    assert set(decayed.values()) == {0.1}
+    assert sorted(decayed) == sorted(
+        [
+            "head/kernel",
+            "pre_logits/kernel",
+            "patch_embedding/conv/kernel",
+            "encoder_block_0/mlp/dense_1/kernel",
+            "encoder_block_0/mlp/dense_2/kernel",
+            "encoder_block_1/moe/router/gating_kernel",
+            "encoder_block_1/moe/experts/intermediate_kernel",
+            "encoder_block_1/moe/experts/output_kernel",
+        ]
+        + [f"encoder_block_{i}/attention/{n}/kernel" for i in (0, 1) for n in attention]
+    )
+    assert rates["class_token/token"] == 0.0 and rates["head/bias"] == 0.0
 
 
 def test_sigmoid_cross_entropy_hand_values():
