@@ -1,4 +1,11 @@
-"""`RoutingStatistics`: per-MoE-layer routing statistics in the epoch logs."""
+"""`RoutingStatistics`: per-MoE-layer routing statistics in the epoch logs.
+
+`write_scalars` writes numbers as TensorBoard scalar summaries with
+TensorFlow alone (`keras.callbacks.TensorBoard` needs the separate
+`tensorboard` package, which is not a dependency of keras_vmoe).
+"""
+
+import os
 
 import keras
 from keras import ops
@@ -15,6 +22,33 @@ def moe_layers(model):
     ]
 
 
+def write_scalars(writer, values, step):
+    """Writes `{tag: number}` as TensorBoard scalars at `step`.
+
+    Uses `tf.summary.write` with the scalars plugin's metadata (what
+    `tf.summary.scalar` writes), so it needs TensorFlow but not the
+    `tensorboard` package; `tensorboard --logdir` shows the result.
+
+    Args:
+        writer: a `tf.summary.create_file_writer(log_dir)`.
+        values: dict of str to float.
+        step: int. The x axis value (the epoch).
+    """
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR,
+    )
+    with writer.as_default():
+        for tag, value in values.items():
+            tf.summary.write(
+                tag, tf.constant(float(value), tf.float32), step=step, metadata=metadata
+            )
+    writer.flush()
+
+
 class RoutingStatistics(keras.callbacks.Callback):
     """Writes each MoE layer's routing statistics into the epoch logs.
 
@@ -22,19 +56,30 @@ class RoutingStatistics(keras.callbacks.Callback):
     path, e.g. `encoder_block_3/moe`, keeps layers of the same name apart) with the
     statistics of the layer's last training batch: `auxiliary_loss`,
     `fraction_tokens_dropped`, `experts_per_token`, `load_imbalance` (max
-    over mean expert load). `History`, `CSVLogger` and `TensorBoard` see them
-    when they come after this callback in the `callbacks` list.
+    over mean expert load). `History`, `CSVLogger` and
+    `keras.callbacks.TensorBoard` see them when they come after this callback
+    in the `callbacks` list. With `log_dir`, the callback also writes them
+    to TensorBoard itself (tag = log key, step = epoch), without the
+    `tensorboard` package that Keras' callback needs.
 
     Args:
         statistics: sequence of str. Which statistics to log. Defaults to all.
+        log_dir: str or None. Folder for TensorBoard event files. Defaults
+            to `None` (logs only).
 
     Example:
-    >>> # model.fit(x, y, callbacks=[RoutingStatistics(),
-    >>> #                            keras.callbacks.TensorBoard("logs")])
+    >>> # model.fit(x, y, callbacks=[RoutingStatistics(log_dir="logs/routing")])
+    >>> # then: tensorboard --logdir logs
     """
 
-    def __init__(self, statistics=STATISTICS):
+    def __init__(self, statistics=STATISTICS, log_dir=None):
         super().__init__()
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise ValueError(
+                f"`log_dir` must be a folder path or None, got {log_dir!r}."
+            )
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self._writer = None
         if isinstance(statistics, str) or not hasattr(statistics, "__iter__"):
             raise ValueError(
                 f"`statistics` must be a sequence of names, got {statistics!r}; "
@@ -62,11 +107,23 @@ class RoutingStatistics(keras.callbacks.Callback):
         self._train_values = {}
 
     def on_epoch_end(self, epoch, logs=None):
+        # Validation (if any) has run by now and overwritten the layer
+        # variables, so report what was captured after training.
+        values = self._train_values or self._read()
         if logs is not None:
-            # Validation (if any) has run by now and overwritten the layer
-            # variables, so report what was captured after training.
-            logs.update(self._train_values or self._read())
+            logs.update(values)
+        if self.log_dir is not None:
+            if self._writer is None:
+                import tensorflow as tf
+
+                self._writer = tf.summary.create_file_writer(self.log_dir)
+            write_scalars(self._writer, values, epoch)
         self._train_values = {}
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def on_test_begin(self, logs=None):
         # Called for validation inside fit(): keep the training values first.

@@ -44,6 +44,7 @@ DEFAULTS = {
     "fewshot_every": 1,
     "seed": 0,
     "data_dir": None,
+    "tensorboard": False,
 }
 RUN_FILE = "run.json"
 
@@ -91,6 +92,13 @@ def add_arguments(parser):
     a("--fewshot-every", type=int, help="Few-shot every n epochs (default 1).")
     a("--seed", type=int, help="Initialisation, noise and data seed (default 0).")
     a("--data-dir", help="TFDS data directory.")
+    a(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="Also write the epoch logs (loss, routing/..., ...) as TensorBoard "
+        "scalars to OUTPUT/tensorboard.",
+    )
     a("--output", help="Run folder (default runs/PRESET-DATASET).")
     a("--resume", action="store_true", help="Continue the run in --output.")
     a("--overwrite", action="store_true", help="Replace a finished run in --output.")

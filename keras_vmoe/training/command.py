@@ -14,6 +14,7 @@ for Soft MoE presets) and trained with `fit()` and a progress bar.
     history.json          per-epoch logs (loss, accuracy, val_*, learning_rate,
                           routing/..., fewshot/...)
     log.csv               the same, from keras.callbacks.CSVLogger
+    tensorboard/          the same as TensorBoard scalars (with --tensorboard)
     checkpoints/best.weights.h5   best val_accuracy (ModelCheckpoint)
     backup/               BackupAndRestoreWithRNG state while the run is unfinished
     preset/               the trained model (`save_to_preset`): load it with
@@ -144,7 +145,9 @@ def run(args, callbacks=None):
         cbs.append(evaluator)
     if total % spe:
         cbs.append(run_outputs.StopAtStep(total))
-    cbs += run_outputs.run_callbacks(out, start, monitor, callbacks or (), backup)
+    cbs += run_outputs.run_callbacks(
+        out, start, monitor, callbacks or (), backup, tensorboard=cfg["tensorboard"]
+    )
 
     print(
         f"train: {cfg['preset']} ({model.count_params():,} parameters, "

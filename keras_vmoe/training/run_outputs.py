@@ -3,6 +3,7 @@
     run.json              the run's arguments (`--resume` reuses them)
     history.json          per-epoch logs (`HistoryFile`)
     log.csv               the same, from keras.callbacks.CSVLogger
+    tensorboard/          the same as TensorBoard scalars (with --tensorboard)
     checkpoints/best.weights.h5   best val_accuracy (ModelCheckpoint)
     backup/               BackupAndRestoreWithRNG state while the run is unfinished
     preset/               the trained model (`save_trained_preset`)
@@ -25,7 +26,7 @@ def prepare_run_folder(cfg):
     out = cfg["output"]
     os.makedirs(out, exist_ok=True)
     if not cfg["resume"]:
-        for entry in ("backup", "preset", "checkpoints"):
+        for entry in ("backup", "preset", "checkpoints", "tensorboard"):
             shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
         for entry in ("history.json", "log.csv"):
             if os.path.exists(os.path.join(out, entry)):
@@ -53,11 +54,16 @@ class HistoryFile(keras.callbacks.Callback):
     The file is a dict of lists like `History.history`, plus `epoch`
     (1-based); a metric missing at an epoch is `null`. On resume, epochs
     from `initial_epoch` on are dropped before new ones are appended.
+    With `tensorboard_dir`, every number of the epoch's logs is also written
+    there as a TensorBoard scalar (tag = log key, step = 0-based epoch, as
+    `keras.callbacks.TensorBoard` counts), without the `tensorboard` package.
     """
 
-    def __init__(self, path, initial_epoch):
+    def __init__(self, path, initial_epoch, tensorboard_dir=None):
         super().__init__()
         self.path = path
+        self.tensorboard_dir = tensorboard_dir
+        self._writer = None
         self.history = {}
         if initial_epoch and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
@@ -83,6 +89,20 @@ class HistoryFile(keras.callbacks.Callback):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.history, f, indent=1, sort_keys=True)
         os.replace(tmp, self.path)
+        if self.tensorboard_dir is not None:
+            from keras_vmoe.callbacks.routing import write_scalars
+
+            if self._writer is None:
+                import tensorflow as tf
+
+                self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
+            scalars = {k: v for k, v in entry.items() if k != "epoch"}
+            write_scalars(self._writer, scalars, epoch)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def truncate_csv(path, initial_epoch):
@@ -108,7 +128,7 @@ def best_so_far(history_path, monitor, initial_epoch):
     return max(values) if values else None
 
 
-def run_callbacks(out, start, monitor, extra, backup):
+def run_callbacks(out, start, monitor, extra, backup, tensorboard=False):
     """The logging callbacks of the run, then `extra`, then `backup`.
 
     Args:
@@ -117,11 +137,13 @@ def run_callbacks(out, start, monitor, extra, backup):
         monitor: str. Metric that picks `checkpoints/best.weights.h5`.
         extra: list of callbacks. Placed before the backup.
         backup: `BackupAndRestoreWithRNG`. Last, so it saves after the rest.
+        tensorboard: bool. Also write the epoch logs to `out/tensorboard`.
     """
     history_path = os.path.join(out, "history.json")
     csv_path = os.path.join(out, "log.csv")
+    tensorboard_dir = os.path.join(out, "tensorboard") if tensorboard else None
     return [
-        HistoryFile(history_path, start),
+        HistoryFile(history_path, start, tensorboard_dir),
         keras.callbacks.CSVLogger(csv_path, append=start > 0),
         keras.callbacks.ModelCheckpoint(
             os.path.join(out, "checkpoints", "best.weights.h5"),

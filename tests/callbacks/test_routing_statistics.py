@@ -68,3 +68,49 @@ def test_layers_with_the_same_name_stay_apart():
     keys = sorted(callback._read())
     assert len(keys) == 2  # one per MoE block, although both are named "moe"
     assert keys[0] != keys[1]
+
+
+def tensorboard_scalars(log_dir):
+    """{tag: [values by step]} of the scalar summaries under `log_dir`."""
+    import glob
+
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted(
+        glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True)
+    ):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                assert value.metadata.plugin_data.plugin_name == "scalars"
+                number = float(tf.make_ndarray(value.tensor))
+                scalars.setdefault(value.tag, {})[event.step] = number
+    return {tag: [v[s] for s in sorted(v)] for tag, v in scalars.items()}
+
+
+def test_statistics_reach_tensorboard(tmp_path):
+    model = make_model()
+    x = np.random.default_rng(0).normal(size=(24, 6, 8)).astype("float32")
+    y = np.arange(24) % 2
+    log_dir = tmp_path / "tb"
+    history = model.fit(
+        x,
+        y,
+        batch_size=12,
+        epochs=2,
+        validation_data=(x, y),
+        callbacks=[RoutingStatistics(log_dir=log_dir)],
+        verbose=0,
+    ).history
+    scalars = tensorboard_scalars(str(log_dir))
+    names = ("auxiliary_loss", "experts_per_token", "fraction_tokens_dropped")
+    assert sorted(scalars) == sorted(
+        f"routing/moe_a/{name}" for name in names + ("load_imbalance",)
+    )
+    for key, values in scalars.items():
+        assert values == pytest.approx(history[key]), key
+    # E * C / S = 4 * 4 / 12 experts per token in training at both epochs
+    # (steps 0 and 1), not the validation's 4 * 8 / 12.
+    assert scalars["routing/moe_a/experts_per_token"] == pytest.approx([4 / 3] * 2)
+    with pytest.raises(ValueError, match="log_dir"):
+        RoutingStatistics(log_dir=3)

@@ -188,6 +188,7 @@ def test_train_command_end_to_end(tmp_path, capsys):
         "digits",
         "--shots",
         "1,5",
+        "--tensorboard",
         "--output",
         out,
     ]
@@ -204,6 +205,7 @@ def test_train_command_end_to_end(tmp_path, capsys):
         "log.csv",
         "preset",
         "run.json",
+        "tensorboard",
     ]
 
     # The trained preset loads with from_preset and predicts the same.
@@ -237,6 +239,12 @@ def test_train_command_end_to_end(tmp_path, capsys):
     with open(os.path.join(out, "log.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
+    # --tensorboard: the same numbers as TensorBoard scalars, epochs 0 and 1.
+    from tests.callbacks.test_routing_statistics import tensorboard_scalars
+
+    scalars = tensorboard_scalars(os.path.join(out, "tensorboard"))
+    for key in ("loss", "accuracy", "val_accuracy", "learning_rate", *per_token):
+        assert scalars[key] == pytest.approx(history[key], rel=1e-6), key
     assert float(rows[-1]["loss"]) == pytest.approx(history["loss"][-1], rel=1e-6)
 
     # `eval` on the output reproduces the last epoch's validation accuracy
