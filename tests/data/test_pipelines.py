@@ -140,3 +140,47 @@ def test_fit_on_pipeline():
     history = model.fit(ds, epochs=2, verbose=0, shuffle=False)
     assert len(history.history["loss"]) == 2
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+def _ramp_copies(n):
+    # 16x16 image whose pixel (r, c) is 16 r + c (0..255), n copies.
+    image = (16 * np.arange(16)[:, None] + np.arange(16)[None, :]).astype(np.uint8)
+    images = np.repeat(image[None, ..., None], n, axis=0)
+    return image, tf.data.Dataset.from_tensor_slices((images, np.zeros(n, np.int64)))
+
+
+def test_inception_crop_takes_a_random_window_of_the_asked_area():
+    # Area fraction 1/4 and aspect ratio 1 of a 16x16 image: an 8x8 window
+    # at a random place; resized to 8x8 it is that window, pixel for pixel.
+    image, ds = _ramp_copies(32)
+    out = data.train_pipeline(
+        ds,
+        8,
+        32,
+        crop_area_range=(0.25, 0.25),
+        aspect_ratio_range=(1.0, 1.0),
+        flip=False,
+        shuffle_buffer=0,
+        seed=5,
+    )
+    [(x, _)] = _batches(out)
+    pixels = np.rint((x[..., 0] + 1.0) * 127.5)
+    corners = set()
+    for crop in pixels:
+        top, left = divmod(int(crop[0, 0]), 16)
+        assert top <= 8 and left <= 8
+        np.testing.assert_array_equal(crop, image[top : top + 8, left : left + 8])
+        corners.add((top, left))
+    assert len(corners) > 5  # random places, not always the same window
+
+
+def test_flip_mirrors_about_half_of_the_images():
+    image, ds = _ramp_copies(64)
+    out = data.train_pipeline(ds, 16, 64, random_crop=False, shuffle_buffer=0, seed=2)
+    [(x, _)] = _batches(out)
+    pixels = np.rint((x[..., 0] + 1.0) * 127.5)
+    flipped = [bool(np.array_equal(p, image[:, ::-1])) for p in pixels]
+    kept = [bool(np.array_equal(p, image)) for p in pixels]
+    assert all(f != k for f, k in zip(flipped, kept))  # each one or the other
+    # Binomial(64, 1/2): 32 +- 4; 16..48 is a 4-sigma band.
+    assert 16 <= sum(flipped) <= 48
