@@ -70,7 +70,12 @@ def plot_accuracy(summary, path, shot=10):
             means.append(np.nan if stat["mean"] is None else stat["mean"])
             errors.append(0.0 if stat["std"] is None else stat["std"])
         x = np.arange(len(models))
-        ax.bar(x, means, yerr=errors, color=colors, capsize=4)
+        # Error bars only where there is a spread (two seeds or more).
+        has_spread = any(
+            (summary[m].get(metric) or {}).get("std") is not None for m in models
+        )
+        yerr = errors if has_spread else None
+        ax.bar(x, means, yerr=yerr, color=colors, capsize=4)
         for xi, m in zip(x, means):
             if np.isfinite(m):
                 ax.text(xi, m + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=8)
@@ -79,7 +84,10 @@ def plot_accuracy(summary, path, shot=10):
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     seeds = max(entry["seeds"] for entry in summary.values())
-    fig.suptitle(f"Routers at equal compute (mean ± std over {seeds} seed(s))")
+    if seeds > 1:
+        fig.suptitle(f"Routers at equal compute (mean ± std over {seeds} seeds)")
+    else:
+        fig.suptitle("Routers at equal compute (one seed: no spread measured)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import keras
 import numpy as np
@@ -177,6 +178,28 @@ def test_summary_table_and_files(tmp_path):
     assert summary_rows[1]["test_accuracy_std"] == ""
 
 
+def test_plots_of_a_two_seed_summary(tmp_path):
+    from keras_vmoe.study import plots
+
+    runs = [
+        _fake_run("dense", 0, 0.60, 0.40, [2.0, 1.0]),
+        _fake_run("dense", 1, 0.80, 0.50, [2.2, 0.6]),
+        _fake_run("soft", 0, 0.70, 0.45, [2.1, 0.9], dropped=0.0),
+        _fake_run("soft", 1, 0.72, 0.47, [2.0, 0.8], dropped=0.0),
+    ]
+    # Two 28x28 images; soft sends the 4x4 patches to experts 0..3 by row,
+    # with one patch unrouted (-1, grey).
+    maps = np.repeat(np.arange(4)[None, :, None], 4, axis=2).repeat(2, axis=0)
+    maps[0, 0, 0] = -1
+    images = np.linspace(-1, 1, 2 * 28 * 28, dtype="float32").reshape(2, 28, 28, 1)
+    paths = plots.write_plots(
+        str(tmp_path), report.summarize(runs), {"soft": maps}, images, 4
+    )
+    assert sorted(paths) == ["accuracy", "routing", "training_curves"]
+    for path in paths.values():
+        _check_png(tmp_path / os.path.basename(path))
+
+
 # --------------------------------------------------------------------------
 # Routing maps.
 # --------------------------------------------------------------------------
@@ -257,6 +280,26 @@ else:
     QUICK_MODELS = ("dense", "softmax_token_choice", "softmax_expert_choice", "soft")
 
 
+# Fields that do not apply to the dense ViT (it has no MoE layer).
+MOE_ONLY_FIELDS = ("fraction_tokens_dropped", "load_imbalance", "slots_per_group")
+
+
+def _assert_all_finite(value, where):
+    """Every number under `value` is finite; `None` is allowed nowhere.
+
+    The report writes NaN as JSON `null`, so a `None` is a failure too.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _assert_all_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _assert_all_finite(item, f"{where}[{index}]")
+    elif not isinstance(value, str):
+        assert isinstance(value, (int, float)), f"{where} = {value!r}"
+        assert math.isfinite(value), f"{where} = {value!r}"
+
+
 def test_quick_study_end_to_end(tmp_path, capsys):
     out = tmp_path / "study"
     routers = ",".join(m for m in QUICK_MODELS)
@@ -264,7 +307,11 @@ def test_quick_study_end_to_end(tmp_path, capsys):
         cli.main(["study", "--quick", "--routers", routers, "--output", str(out)]) == 0
     )
     printed = capsys.readouterr().out
-    assert "epoch 1/1" in printed and "left)" in printed  # progress with ETA
+    # One progress line per model: which model and epoch, and the time left.
+    for index, model in enumerate(QUICK_MODELS, 1):
+        line = f"[{index}/{len(QUICK_MODELS)}] {model} seed 0  epoch 1/1  loss "
+        assert line in printed, line
+    assert re.search(r"\(study: (\d+m\d\ds|\d+s) left\)\n", printed), printed
     assert "Equal compute: every router fills E x C = 4 x 17 = 68" in printed
     for model in QUICK_MODELS:
         assert f"\n{model} " in printed  # a table row
@@ -278,6 +325,15 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert plan["slots_per_expert"] == 17 and plan["slots_per_group"] == 68
     assert "dense ViT matches K = 2" in plan["statement"]
     for run in results["runs"]:
+        # Every field of every run is a finite number (those of the MoE
+        # layers are absent, None, for the dense ViT only).
+        moe_only = MOE_ONLY_FIELDS if run["model"] == "dense" else ()
+        _assert_all_finite(
+            {k: v for k, v in run.items() if k not in moe_only}, run["model"]
+        )
+        assert (run["routing_statistics"] == {}) == (run["model"] == "dense")
+        for name in ("params", "train_seconds", "seconds", "train_images_per_epoch"):
+            assert run[name] > 0, (run["model"], name)
         assert 0.0 <= run["test_accuracy"] <= 1.0
         assert set(run["fewshot"]) == {"1", "5", "10", "25"}
         assert all(0.0 <= a <= 1.0 for a in run["fewshot"].values())
@@ -293,6 +349,12 @@ def test_quick_study_end_to_end(tmp_path, capsys):
             assert run["load_imbalance"] >= 1.0 - 1e-6
         if run["model"] == "soft":
             assert run["fraction_tokens_dropped"] == 0.0
+
+    for model, entry in results["summary"].items():
+        moe_only = MOE_ONLY_FIELDS if model == "dense" else ()
+        means = {k: v["mean"] for k, v in entry.items() if isinstance(v, dict)}
+        assert entry["seeds"] == 1
+        _assert_all_finite({k: v for k, v in means.items() if k not in moe_only}, model)
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
