@@ -192,7 +192,7 @@ print("An explicit capacity:", routers.compute_capacity(S, E, capacity=3))
 
 """
 To see how Token Choice fills slots, we write the gates by hand: six tokens,
-three experts, each row a softmax over the experts. Four tokens prefer expert
+three experts, each row a softmax over the experts. Five tokens prefer expert
 0, which has only two slots.
 """
 
@@ -227,8 +227,8 @@ describe(routers.token_choice(gates, num_selected_experts=1, capacity=2))
 
 """
 Tokens claim slots in sequence order, so tokens 0 and 1 take expert 0 and
-tokens 2 and 4 find it full: they are *dropped* and the MoE layer passes them
-on unchanged (the residual connection carries them). Token 4 is dropped
+tokens 2, 4 and 5 find it full: they are *dropped* and the MoE layer passes
+them on unchanged (the residual connection carries them). Token 4 is dropped
 although its gate (0.9) is the most confident of the batch, and expert 2 sits
 idle.
 
