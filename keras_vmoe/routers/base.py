@@ -70,6 +70,31 @@ def check_rate(name, value):
     return float(value)
 
 
+class DefaultCapacityFactor(float):
+    """A router's default `capacity_factor`: a float that was not given.
+
+    Router signatures use it as the default (it prints and compares as the
+    plain number), so that the router can tell a factor left at its default,
+    which an explicit `capacity` replaces, from one given together with
+    `capacity`, which is an error.
+
+    Example:
+    >>> DefaultCapacityFactor(1.05) == 1.05
+    True
+    """
+
+    def __repr__(self):
+        return float.__repr__(self)
+
+
+# The routers' default capacity factors (see `DefaultCapacityFactor`).
+DEFAULT_CAPACITY_FACTOR = DefaultCapacityFactor(1.0)
+# Token Choice: S * K choices at factor 1.05 (the V-MoE recipe).
+TOKEN_CHOICE_CAPACITY_FACTOR = DefaultCapacityFactor(1.05)
+# Expert Choice: S tokens at factor 2, the compute of Token Choice K=2 at 1.
+EXPERT_CHOICE_CAPACITY_FACTOR = DefaultCapacityFactor(2.0)
+
+
 def check_bool(name, value):
     """`value`, or a ValueError naming `name` unless it is True or False."""
     if not isinstance(value, bool):
@@ -85,8 +110,9 @@ class Router(keras.layers.Layer):
 
     Args:
         num_experts: int. Number of experts `E`.
-        capacity_factor: float. Training capacity factor. Defaults to the
-            subclass's default.
+        capacity_factor: float. Training capacity factor. Give it or
+            `capacity`, not both. Defaults to the subclass's default (unused
+            when `capacity` is given).
         eval_capacity_factor: float. Capacity factor when not training.
             Defaults to `None` (same as `capacity_factor`).
         capacity: int. Explicit slots per expert, instead of a factor.
@@ -105,7 +131,7 @@ class Router(keras.layers.Layer):
     def __init__(
         self,
         num_experts,
-        capacity_factor=1.0,
+        capacity_factor=DEFAULT_CAPACITY_FACTOR,
         eval_capacity_factor=None,
         capacity=None,
         capacity_multiple_of=4,
@@ -117,6 +143,14 @@ class Router(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_experts = check_positive_int("num_experts", num_experts)
         if capacity is not None:
+            if capacity_factor is not None and not isinstance(
+                capacity_factor, DefaultCapacityFactor
+            ):
+                raise ValueError(
+                    "Give either `capacity_factor` or an explicit `capacity`, not "
+                    f"both; got capacity_factor={capacity_factor!r}, "
+                    f"capacity={capacity!r}."
+                )
             capacity_factor = None
             check_positive_int("capacity", capacity)
             if eval_capacity_factor is not None:
@@ -132,7 +166,10 @@ class Router(keras.layers.Layer):
             )
         if eval_capacity_factor is not None:
             check_positive_float("eval_capacity_factor", eval_capacity_factor)
-        self.capacity_factor = capacity_factor
+        # A plain float (or None) in the layer and its config.
+        self.capacity_factor = (
+            None if capacity_factor is None else float(capacity_factor)
+        )
         self.eval_capacity_factor = eval_capacity_factor
         self.capacity = capacity
         self.capacity_multiple_of = check_positive_int(
@@ -253,7 +290,7 @@ class TokenChoiceRouter(DenseGatingRouter):
         self,
         num_experts,
         num_selected_experts=2,
-        capacity_factor=1.05,
+        capacity_factor=TOKEN_CHOICE_CAPACITY_FACTOR,
         batch_priority=False,
         importance_loss_weight=0.0,
         load_loss_weight=0.0,

@@ -6,6 +6,7 @@ from keras import ops
 from keras_vmoe.ot import sinkhorn_plan
 from keras_vmoe.routers.allocation import expert_choice
 from keras_vmoe.routers.base import (
+    EXPERT_CHOICE_CAPACITY_FACTOR,
     DenseGatingRouter,
     check_positive_float,
     check_positive_int,
@@ -47,7 +48,12 @@ class SinkhornExpertChoiceRouter(DenseGatingRouter):
     """
 
     def __init__(
-        self, num_experts, capacity_factor=2.0, num_iters=20, epsilon=1.0, **kwargs
+        self,
+        num_experts,
+        capacity_factor=EXPERT_CHOICE_CAPACITY_FACTOR,
+        num_iters=20,
+        epsilon=1.0,
+        **kwargs,
     ):
         super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
         self.num_iters = check_positive_int("num_iters", num_iters)

@@ -6,6 +6,7 @@ from keras import ops
 from keras_vmoe.ot import sinkhorn_plan
 from keras_vmoe.routers.allocation import token_choice
 from keras_vmoe.routers.base import (
+    TOKEN_CHOICE_CAPACITY_FACTOR,
     TokenChoiceRouter,
     check_positive_float,
     check_positive_int,
@@ -60,7 +61,7 @@ class SinkhornTokenChoiceRouter(TokenChoiceRouter):
         self,
         num_experts,
         num_selected_experts=2,
-        capacity_factor=1.05,
+        capacity_factor=TOKEN_CHOICE_CAPACITY_FACTOR,
         batch_priority=False,
         num_iters=20,
         epsilon=1.0,

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_vmoe.routers.allocation import expert_choice
-from keras_vmoe.routers.base import DenseGatingRouter
+from keras_vmoe.routers.base import EXPERT_CHOICE_CAPACITY_FACTOR, DenseGatingRouter
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -36,7 +36,9 @@ class SoftmaxExpertChoiceRouter(DenseGatingRouter):
     4
     """
 
-    def __init__(self, num_experts, capacity_factor=2.0, **kwargs):
+    def __init__(
+        self, num_experts, capacity_factor=EXPERT_CHOICE_CAPACITY_FACTOR, **kwargs
+    ):
         super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
 
     def call(self, x, training=False):

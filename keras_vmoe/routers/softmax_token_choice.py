@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_vmoe.routers.allocation import token_choice
-from keras_vmoe.routers.base import TokenChoiceRouter
+from keras_vmoe.routers.base import TOKEN_CHOICE_CAPACITY_FACTOR, TokenChoiceRouter
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -46,7 +46,7 @@ class SoftmaxTokenChoiceRouter(TokenChoiceRouter):
         self,
         num_experts,
         num_selected_experts=2,
-        capacity_factor=1.05,
+        capacity_factor=TOKEN_CHOICE_CAPACITY_FACTOR,
         batch_priority=False,
         importance_loss_weight=0.005,
         load_loss_weight=0.005,

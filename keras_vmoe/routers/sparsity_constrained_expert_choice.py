@@ -10,6 +10,7 @@ from keras import ops
 from keras_vmoe.ot import sparse_ot_plan, sparse_ot_plan_with_top_k
 from keras_vmoe.routers.allocation import expert_choice
 from keras_vmoe.routers.base import (
+    EXPERT_CHOICE_CAPACITY_FACTOR,
     DenseGatingRouter,
     check_positive_float,
     check_positive_int,
@@ -60,7 +61,7 @@ class SparsityConstrainedExpertChoiceRouter(DenseGatingRouter):
     def __init__(
         self,
         num_experts,
-        capacity_factor=2.0,
+        capacity_factor=EXPERT_CHOICE_CAPACITY_FACTOR,
         num_steps=20,
         learning_rate=0.01,
         noise_std=0.0,

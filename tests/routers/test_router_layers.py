@@ -1,3 +1,5 @@
+import inspect
+
 import keras
 import numpy as np
 import pytest
@@ -138,19 +140,108 @@ def test_config_round_trip(name):
     assert type(restored) is type(router)
 
 
+# Every constructor argument set away from its default.
+NON_DEFAULT_ARGUMENTS = {
+    SoftmaxTokenChoiceRouter: dict(
+        num_experts=6,
+        num_selected_experts=3,
+        capacity_factor=1.5,
+        eval_capacity_factor=4.0,
+        batch_priority=True,
+        importance_loss_weight=0.01,
+        load_loss_weight=0.02,
+        gshard_loss_weight=0.03,
+        z_loss_weight=0.04,
+        capacity_multiple_of=2,
+        noise_std=0.5,
+        seed=7,
+        kernel_initializer="zeros",
+    ),
+    SoftmaxExpertChoiceRouter: dict(
+        num_experts=6,
+        capacity=5,
+        capacity_multiple_of=2,
+        noise_std=0.5,
+        seed=7,
+        kernel_initializer="zeros",
+    ),
+    SoftRouter: dict(num_experts=6, capacity_factor=1.5),
+}
+
+
+def _constructor_arguments(cls):
+    names = set()
+    for klass in cls.__mro__:
+        if klass is keras.layers.Layer:
+            break
+        if "__init__" in vars(klass):
+            names |= set(inspect.signature(klass.__init__).parameters)
+    return names - {"self", "kwargs"}
+
+
+@pytest.mark.parametrize("cls", list(NON_DEFAULT_ARGUMENTS))
+def test_get_config_holds_every_argument(cls):
+    arguments = NON_DEFAULT_ARGUMENTS[cls]
+    router = cls(**arguments)
+    config = router.get_config()
+    # Every constructor argument is in the config ...
+    assert _constructor_arguments(cls) <= set(config)
+    # ... with the value given, and survives from_config.
+    clone = cls.from_config(config)
+    assert clone.get_config() == config
+    for name, value in arguments.items():
+        if name == "kernel_initializer":
+            assert type(clone.kernel_initializer) is keras.initializers.Zeros
+        else:
+            assert getattr(clone, name) == value, name
+            assert config[name] == value, name
+
+
+def test_explicit_capacity_replaces_the_default_factor():
+    router = SoftmaxTokenChoiceRouter(4, capacity=3, capacity_multiple_of=4)
+    config = router.get_config()
+    assert config["capacity"] == 3 and config["capacity_factor"] is None
+    clone = SoftmaxTokenChoiceRouter.from_config(config)
+    # An explicit capacity is used as is, in training and evaluation.
+    assert built(clone)(X, training=True).capacity == 3
+    assert clone(X, training=False).capacity == 3
+    # The default factor is a plain float in the layer and its config.
+    default = SoftmaxTokenChoiceRouter(4)
+    assert type(default.capacity_factor) is float
+    assert default.get_config()["capacity_factor"] == 1.05
+
+
 def test_registry_unknown_name():
     with pytest.raises(ValueError, match="softmax_expert_choice"):
         routers.get("softmax_expert_chioce", num_experts=4)
 
 
-def test_routers_compute_in_float32_under_mixed_precision():
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    router = SoftmaxTokenChoiceRouter(4)
-    assert router.compute_dtype == "float32"
-    routing = router(ops.cast(X, "bfloat16"), training=True)
-    assert keras.backend.standardize_dtype(routing.combine_tensor().dtype) == "float32"
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_routers_compute_in_float32_under_mixed_precision(policy):
+    keras.config.set_dtype_policy(policy)
+    half = policy.split("_")[1]
+    x = ops.cast(X, half)
+    for router in [
+        SoftmaxTokenChoiceRouter(4, num_selected_experts=2, capacity_factor=1.0),
+        SoftmaxExpertChoiceRouter(4, capacity_factor=1.0),
+    ]:
+        assert router.compute_dtype == "float32"
+        router = built(router)
+        assert keras.backend.standardize_dtype(router.gating_kernel.dtype) == "float32"
+        routing = router(x, training=False)
+        combine = routing.combine_tensor()
+        assert keras.backend.standardize_dtype(combine.dtype) == "float32"
+        # The same numbers as float32 routing of the rounded inputs: the gates
+        # are float32 softmaxes, not rounded to the half type.
+        gates = ref.softmax(ops.convert_to_numpy(ops.cast(x, "float32")) @ KERNEL)
+        if isinstance(router, SoftmaxTokenChoiceRouter):
+            expected = ref.token_choice(gates, 2, 8)  # C = 12*2*1.0/4 = 6 -> 8
+        else:
+            expected = ref.expert_choice(gates, 4)  # C = 12*1.0/4 = 3 -> 4
+        np.testing.assert_allclose(np_(combine), expected, atol=1e-5)
     soft = SoftRouter(4)
-    combine = soft(ops.cast(X, "float16")).combine_tensor()
+    assert soft.compute_dtype == "float32"
+    combine = soft(x).combine_tensor()
     assert keras.backend.standardize_dtype(combine.dtype) == "float32"
 
 
@@ -165,6 +256,14 @@ def test_routers_compute_in_float32_under_mixed_precision():
         (lambda: SoftmaxTokenChoiceRouter(-2), "num_experts"),
         (lambda: SoftmaxExpertChoiceRouter(4, capacity_factor=None), "capacity_factor"),
         (lambda: SoftmaxExpertChoiceRouter(4, capacity=0), "capacity"),
+        (
+            lambda: SoftmaxExpertChoiceRouter(4, capacity_factor=2.0, capacity=4),
+            "not both",
+        ),
+        (
+            lambda: SoftmaxTokenChoiceRouter(4, capacity_factor=1.05, capacity=8),
+            "not both",
+        ),
         (lambda: SoftmaxExpertChoiceRouter(4, capacity_factor=0.0), "capacity_factor"),
         (
             lambda: SoftmaxExpertChoiceRouter(4, eval_capacity_factor=-1.0),
