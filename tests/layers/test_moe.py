@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_vmoe import routers
 from keras_vmoe.layers import MlpExperts, MoE
+from keras_vmoe.routers import Routing
 
 ROUTERS = ["softmax_token_choice", "softmax_expert_choice", "soft"]
 RNG = np.random.default_rng(0)
@@ -150,13 +151,29 @@ def test_weights_load_across_backends(name, tmp_path):
     np.testing.assert_allclose(ops.convert_to_numpy(model(X)), expected, atol=1e-5)
 
 
-def test_mixed_precision_outputs_follow_compute_dtype():
-    keras.config.set_dtype_policy("mixed_bfloat16")
+@pytest.mark.parametrize(
+    "policy, tolerance", [("mixed_bfloat16", 5e-2), ("mixed_float16", 5e-3)]
+)
+def test_mixed_precision_outputs_follow_compute_dtype(policy, tolerance):
+    half = policy.split("_")[1]
+    keras.config.set_dtype_policy(policy)
     moe = make_moe("softmax_token_choice")
-    y = moe(ops.cast(X, "bfloat16"))
-    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    y = moe(ops.cast(X, half))
+    assert keras.backend.standardize_dtype(y.dtype) == half
     assert moe.router.compute_dtype == "float32"
-    assert np.isfinite(ops.convert_to_numpy(ops.cast(y, "float32"))).all()
+    assert keras.backend.standardize_dtype(moe.experts.compute_dtype) == half
+    # Same layer in float32 on the same (rounded) inputs: the router sees the
+    # same float32 values and routes identically, so the outputs differ only
+    # by the experts' half-precision arithmetic.
+    keras.config.set_dtype_policy("float32")
+    reference = make_moe("softmax_token_choice")
+    x32 = ops.cast(ops.cast(X, half), "float32")
+    reference(x32)
+    reference.set_weights(moe.get_weights())
+    expected = ops.convert_to_numpy(reference(x32))
+    got = ops.convert_to_numpy(ops.cast(y, "float32"))
+    assert np.isfinite(got).all()
+    assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max()
 
 
 def test_bad_inputs():
@@ -182,3 +199,77 @@ def test_fit_with_unknown_batch_size(name):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     history = model.fit(X, np.array([0, 1, 2, 0]), batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
+
+
+@pytest.mark.parametrize("name", ["softmax_token_choice", "softmax_expert_choice"])
+def test_index_path_never_builds_dense_routing_tensors(name, monkeypatch):
+    # The forward pass (training and evaluation) and its gradient must not
+    # call the dense (G, S, E, C) construction at all, on every backend.
+    def refuse(self, slot_values):
+        raise AssertionError("dense (G, S, E, C) routing tensor built")
+
+    monkeypatch.setattr(Routing, "_slots_to_dense", refuse)
+    model = make_model(name)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(X, np.array([0, 1, 2, 0]), batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(ops.convert_to_numpy(model(X, training=False))).all()
+    with pytest.raises(AssertionError, match="dense"):
+        make_moe(name, use_einsum_dispatch=True)(X)  # the reference path does
+
+
+def _largest_intermediate(jaxpr):
+    """Elements of the largest value any equation of `jaxpr` computes."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    largest = max(largest, _largest_intermediate(inner))
+    return largest
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="inspects a jaxpr")
+@pytest.mark.parametrize(
+    "name, router_kwargs, capacity",
+    [
+        # C = ceil(64 * 2 * 1.05 / 4) = 34 -> 36.
+        ("softmax_token_choice", dict(num_selected_experts=2), 36),
+        # C = ceil(64 * 2.0 / 4) = 32.
+        ("softmax_expert_choice", dict(capacity_factor=2.0), 32),
+    ],
+)
+@pytest.mark.parametrize("training", [False, True])
+def test_index_path_memory_is_linear_in_the_group(
+    name, router_kwargs, capacity, training
+):
+    import jax
+
+    g, s, e, d = 2, 64, 4, 4
+    x = np.random.default_rng(1).normal(size=(g, s, d)).astype("float32")
+    dense_routing = g * s * e * capacity  # elements of one (G, S, E, C) tensor
+
+    def largest(use_einsum_dispatch):
+        moe = MoE(
+            routers.get(name, num_experts=e, seed=0, **router_kwargs),
+            MlpExperts(e, 4, seed=0),
+            group_size=s,
+            use_einsum_dispatch=use_einsum_dispatch,
+        )
+        moe(x)
+        trainable = [v.value for v in moe.trainable_variables]
+        non_trainable = [v.value for v in moe.non_trainable_variables]
+
+        def forward(trainable, non_trainable, x):
+            return moe.stateless_call(trainable, non_trainable, x, training=training)
+
+        jaxpr = jax.make_jaxpr(forward)(trainable, non_trainable, x).jaxpr
+        return _largest_intermediate(jaxpr)
+
+    # The reference path materialises (G, S, E, C); the index path's largest
+    # value (gathered slots, the experts' hidden layer, the routing's
+    # one-hot of K*S choices over E experts) is at most a quarter of that.
+    assert largest(True) >= dense_routing
+    assert largest(False) <= dense_routing // 4
