@@ -79,3 +79,49 @@ def test_identical_experts_train_and_reload(tmp_path):
     assert not np.allclose(ops.convert_to_numpy(experts.intermediate_kernel), kernel)
     model.save_weights(str(tmp_path / "w.weights.h5"))
     model.load_weights(str(tmp_path / "w.weights.h5"))
+
+
+def test_get_config_holds_every_argument():
+    import inspect
+
+    from keras_vmoe.layers import MoE
+    from keras_vmoe.routers import SoftRouter
+
+    arguments = dict(
+        num_experts=3,
+        hidden_dim=5,
+        activation="relu",
+        dropout_rate=0.25,
+        identical_init=True,
+        seed=4,
+    )
+    experts = MlpExperts(**arguments)
+    moe = MoE(
+        SoftRouter(3, num_slots=2),
+        experts,
+        group_size=6,
+        use_einsum_dispatch=True,
+        expert_axis=None,
+    )
+    for layer, given in [
+        (experts, arguments),
+        (moe, dict(group_size=6, use_einsum_dispatch=True, expert_axis=None)),
+    ]:
+        config = layer.get_config()
+        names = set(inspect.signature(type(layer).__init__).parameters)
+        assert names - {"self", "kwargs"} <= set(config)
+        clone = type(layer).from_config(config)
+        assert clone.get_config() == config
+        for name, value in given.items():
+            assert config[name] == value, name
+    clone = MoE.from_config(moe.get_config())
+    assert clone.router.num_slots == 2
+    assert clone.experts.activation is experts.activation
+    # The clone computes the same function once it has the same weights.
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype("float32")
+    moe(x)
+    clone(x)
+    clone.set_weights(moe.get_weights())
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(clone(x)), ops.convert_to_numpy(moe(x)), atol=1e-6
+    )
