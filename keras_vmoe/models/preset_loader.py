@@ -1,9 +1,13 @@
 """Preset loading: find a preset folder, read it, apply overrides, build.
 
 A preset is a folder in the keras-hub format (`config.json`, optional
-`task.json`, `metadata.json`, `model.weights.h5`, `task.weights.h5`). This
-module finds built-in presets by name, reports a missing or unreadable file
-by name, and lets callers override any constructor argument.
+`task.json`, `metadata.json`, `model.weights.h5` or the sharded
+`model.weights.json` with its `model_*.weights.h5` shards,
+`task.weights.h5`). This module finds built-in presets by name, reports a
+missing or unreadable file by name, and lets callers override any
+constructor argument. Weights are required unless `metadata.json` says
+`"weights": null` (the built-in architecture presets) or the caller passes
+`load_weights=False`.
 """
 
 import difflib
@@ -173,7 +177,7 @@ def _serialized(obj_config, cls):
 
 
 def _load_configs(folder):
-    """(backbone class, backbone config, classifier class, classifier config)."""
+    """(backbone class and config, classifier class and config, metadata)."""
     raw = read_json(folder, "config.json")
     _refuse_code(raw, folder, "config.json")
     try:
@@ -182,7 +186,7 @@ def _load_configs(folder):
         raise ValueError(
             f"Preset file {pathlib.Path(folder) / 'config.json'}: {e}."
         ) from e
-    read_json(folder, "metadata.json", required=False)  # must parse if present
+    metadata = read_json(folder, "metadata.json", required=False)
     task = read_json(folder, "task.json", required=False)
     task_cls, task_config = VisionMoEImageClassifier, {}
     if task is not None:
@@ -195,7 +199,7 @@ def _load_configs(folder):
             ) from e
         task_config.pop("backbone", None)
         task_config.pop("preprocessor", None)
-    return backbone_cls, backbone_config, task_cls, task_config
+    return backbone_cls, backbone_config, task_cls, task_config, metadata
 
 
 def _names(cls, skip=("self", "args", "kwargs")):
@@ -265,7 +269,8 @@ def _check_weights_file(path):
 
 
 def _load_weights(model, path, method):
-    _check_weights_file(path)
+    if path.suffix == ".h5":  # (A sharded index's shards are checked already.)
+        _check_weights_file(path)
     try:
         getattr(model, method)(str(path))
     except OSError as e:  # A read error past the file header.
@@ -281,14 +286,58 @@ def _load_weights(model, path, method):
         ) from e
 
 
+def _backbone_weights_file(folder, metadata):
+    """The backbone weights to load: `model.weights.h5`, or the sharded
+    `model.weights.json` (its shards checked), or None for an architecture
+    preset (`metadata.json` says `"weights": null`).
+
+    Raises:
+        FileNotFoundError: a weights file the preset needs is missing (named).
+        PresetFileError: `model.weights.json` or a shard is unreadable (named).
+    """
+    single = folder / "model.weights.h5"
+    if single.is_file():
+        return single
+    index = folder / "model.weights.json"
+    if index.is_file():
+        weight_map = read_json(folder, "model.weights.json").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise PresetFileError(
+                f"Sharded weights index {index} has no `weight_map`: it is not "
+                "a Keras sharded weights file. Save the preset again.",
+                index,
+            )
+        shards = set()
+        for files in weight_map.values():
+            shards.update(files if isinstance(files, list) else [files])
+        for shard in sorted(shards):
+            path = folder / shard
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"Preset folder '{folder}' has no `{shard}`, a weights shard "
+                    f"listed in {index}. Copy the whole preset folder, or pass "
+                    "load_weights=False."
+                )
+            _check_weights_file(path)
+        return index
+    if isinstance(metadata, dict) and "weights" in metadata:
+        if metadata["weights"] is None:  # An architecture preset: no weights.
+            return None
+    raise FileNotFoundError(
+        f"Preset folder '{folder}' has no `model.weights.h5` (expected "
+        f"{single}, or a sharded `model.weights.json`). Copy the whole preset "
+        "folder, or pass load_weights=False for random weights."
+    )
+
+
 def load_backbone(preset, load_weights=True, **overrides):
     """A `VisionMoEBackbone` from a preset name or folder; see `from_preset`."""
     folder = resolve_preset(preset)
-    backbone_cls, config, _, _ = _load_configs(folder)
+    backbone_cls, config, _, _, metadata = _load_configs(folder)
     backbone_kw, _ = _split_overrides(overrides, for_classifier=False)
     backbone = backbone_cls.from_config(_apply_backbone_overrides(config, backbone_kw))
-    weights = folder / "model.weights.h5"
-    if load_weights and weights.is_file():
+    weights = _backbone_weights_file(folder, metadata) if load_weights else None
+    if weights is not None:
         _load_weights(backbone, weights, "load_weights")
     return backbone
 
@@ -296,7 +345,7 @@ def load_backbone(preset, load_weights=True, **overrides):
 def load_classifier(preset, load_weights=True, **overrides):
     """A `VisionMoEImageClassifier` from a preset; see `from_preset`."""
     folder = resolve_preset(preset)
-    backbone_cls, config, task_cls, task_config = _load_configs(folder)
+    backbone_cls, config, task_cls, task_config, metadata = _load_configs(folder)
     backbone_kw, classifier_kw = _split_overrides(overrides, for_classifier=True)
     if "backbone" in overrides:
         raise ValueError("Pass overrides, not a `backbone`, to from_preset().")
@@ -308,8 +357,8 @@ def load_classifier(preset, load_weights=True, **overrides):
         )
     model = task_cls(backbone=backbone, **task_config)
     if load_weights:
-        weights = folder / "model.weights.h5"
-        if weights.is_file():
+        weights = _backbone_weights_file(folder, metadata)
+        if weights is not None:
             _load_weights(backbone, weights, "load_weights")
         task_weights = folder / "task.weights.h5"
         if task_weights.is_file() and "num_classes" not in classifier_kw:
@@ -323,8 +372,10 @@ def from_preset(name_or_dir, load_weights=True, **overrides):
     Args:
         name_or_dir: str. A name from `list_presets()` or a folder written by
             `save_to_preset()`.
-        load_weights: bool. Load saved weights when the folder has them
-            (built-in architecture presets have none). Defaults to `True`.
+        load_weights: bool. Load the saved weights (`model.weights.h5` or
+            sharded `model.weights.json`, and `task.weights.h5` unless
+            `num_classes` is overridden). Built-in architecture presets have
+            none and build with random weights. Defaults to `True`.
         **overrides: Backbone or classifier arguments replacing the
             preset's: `num_classes`, `image_size` (int or (h, w)), `router`
             (its `router_config` then resets to the router's defaults unless
@@ -341,7 +392,9 @@ def from_preset(name_or_dir, load_weights=True, **overrides):
         UnsafePresetError: the preset's config asks for Python code (a
             `Lambda` layer or a `lambda`), which Keras safe mode refuses (a
             `PresetFileError`).
-        FileNotFoundError: a required preset file is missing (named).
+        FileNotFoundError: a required preset file is missing (named):
+            `config.json`, or with `load_weights=True` the weights of a
+            preset whose `metadata.json` does not say `"weights": null`.
 
     Example:
     >>> model = from_preset("vmoe_softmax_ec_b16_e32_224", num_classes=10,

@@ -236,6 +236,7 @@ def preset_files(name, description, backbone_kwargs, classifier_kwargs):
         "activation": None,
         "head_bias_init": None,
         "dropout": 0.0,
+        "head_dtype": None,
         **classifier_kwargs,
     }
     resolved = cost.resolve_backbone_config(backbone_config)

@@ -263,16 +263,18 @@ class VisionMoEBackbone(Backbone):
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Builds a backbone from a built-in preset name or a preset folder.
 
-        Unlike keras-hub's loader, architecture-only presets (no
-        `model.weights.h5`) load with random weights, and constructor
-        arguments can be overridden (`image_size=`, `router=`,
-        `num_experts=`, `num_layers=`, ...).
+        Unlike keras-hub's loader, architecture presets (`metadata.json`
+        says `"weights": null`, as for every built-in preset) load with
+        random weights, and constructor arguments can be overridden
+        (`image_size=`, `router=`, `num_experts=`, `num_layers=`, ...). A
+        preset with weights (`model.weights.h5` or the sharded
+        `model.weights.json`) must have its weights files.
 
         Args:
             preset: str. A name from `keras_vmoe.models.list_presets()` or a
                 local preset directory.
-            load_weights: bool. Load `model.weights.h5` when present.
-                Defaults to `True`.
+            load_weights: bool. Load the saved weights; `False` builds
+                with random weights. Defaults to `True`.
             **kwargs: Backbone constructor overrides; `image_size` (int or
                 (h, w)) sets the height and width of `image_shape`.
 

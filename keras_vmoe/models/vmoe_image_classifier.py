@@ -146,6 +146,10 @@ class VisionMoEImageClassifier(ImageClassifier):
         bias = head_bias_init
         if bias is None:
             bias = -math.log(num_classes) if resolved_loss == "sigmoid" else 0.0
+        # The argument as given, for get_config (a policy serialized to JSON).
+        head_dtype_config = head_dtype
+        if isinstance(head_dtype, keras.DTypePolicy):
+            head_dtype_config = keras.dtype_policies.serialize(head_dtype)
         head_dtype = head_dtype or backbone.dtype_policy
 
         # === Layers ===
@@ -192,7 +196,8 @@ class VisionMoEImageClassifier(ImageClassifier):
         self.loss_type = loss_type
         self.head_bias_init = head_bias_init
         self.dropout = dropout
-        self.head_dtype = head_dtype
+        self.head_dtype = head_dtype  # The resolved policy (keras-hub's).
+        self._head_dtype_config = head_dtype_config
 
     def get_config(self):
         config = Task.get_config(self)
@@ -204,6 +209,7 @@ class VisionMoEImageClassifier(ImageClassifier):
                 "loss_type": self.loss_type,
                 "head_bias_init": self.head_bias_init,
                 "dropout": self.dropout,
+                "head_dtype": self._head_dtype_config,
             }
         )
         return config

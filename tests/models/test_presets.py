@@ -175,3 +175,52 @@ def test_corrupt_weights_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="model.weights.h5"):
         models.from_preset(str(folder), **small)
     models.from_preset(str(folder), load_weights=False, **small)  # skips the file
+
+
+def _saved_preset(tmp_path, max_shard_size=10):
+    folder = tmp_path / "saved"
+    backbone = VisionMoEBackbone(
+        image_shape=(16, 16, 3),
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+    )
+    model = models.VisionMoEImageClassifier(backbone, num_classes=2)
+    model.save_to_preset(str(folder), max_shard_size=max_shard_size)
+    return folder
+
+
+def test_missing_weights_name_the_file(tmp_path):
+    """A saved preset without its weights fails; architecture presets do not."""
+    folder = _saved_preset(tmp_path)
+    (folder / "model.weights.h5").unlink()
+    for load in (models.from_preset, VisionMoEBackbone.from_preset):
+        with pytest.raises(FileNotFoundError, match="model.weights.h5"):
+            load(str(folder))
+        load(str(folder), load_weights=False)  # random weights, on request
+    # Built-in presets say `"weights": null` in metadata.json: no file needed.
+    assert models.list_presets()["vit_dense_s32_224"]["weights"] is None
+    copy = _copy("vit_dense_s32_224", tmp_path)
+    assert not any(p.name.endswith(".h5") for p in copy.iterdir())
+    models.from_preset(str(copy), num_classes=2, **TINY_OVERRIDES)
+    # Without that statement (here: no metadata.json), weights are expected.
+    (copy / "metadata.json").unlink()
+    with pytest.raises(FileNotFoundError, match="model.weights.h5"):
+        models.from_preset(str(copy), num_classes=2, **TINY_OVERRIDES)
+
+
+def test_broken_sharded_weights_name_the_file(tmp_path):
+    folder = _saved_preset(tmp_path, max_shard_size=2e-6)  # 2,147-byte shards
+    shards = sorted(p.name for p in folder.glob("model_*.weights.h5"))
+    assert len(shards) >= 2 and not (folder / "model.weights.h5").exists()
+    (folder / shards[1]).write_bytes(b"truncated")
+    with pytest.raises(models.PresetFileError, match=shards[1]):
+        VisionMoEBackbone.from_preset(str(folder))
+    (folder / shards[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=shards[1]):
+        models.from_preset(str(folder))
+    (folder / "model.weights.json").write_text('{"weight_map": ')
+    with pytest.raises(models.PresetFileError, match="model.weights.json"):
+        models.from_preset(str(folder))

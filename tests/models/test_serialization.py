@@ -1,5 +1,6 @@
 """get_config round trips, `.keras` files and keras-hub preset folders."""
 
+import inspect
 import json
 import os
 
@@ -22,21 +23,44 @@ BACKBONE_ARGS = dict(
     attention_dropout=0.05,
     expert_dropout_rate=0.0,
     layer_norm_epsilon=1e-5,
+    use_class_token=False,
     pooling="gap",
 )
 CLASSIFIER_ARGS = dict(
     num_classes=3,
     representation_size=8,
+    activation="sigmoid",
     loss_type="sigmoid",
     head_bias_init=-2.0,
     dropout=0.1,
+    head_dtype="float32",
 )
+
+
+def _constructor_defaults(cls):
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        name: p.default
+        for name, p in params.items()
+        if name not in ("self", "kwargs", "dtype", "backbone", "preprocessor")
+    }
 
 
 def _predict(model, images):
     out = model(images, training=False)  # eager: no per-model compilation
     out = out["sequence_output"] if isinstance(out, dict) else out
     return keras.ops.convert_to_numpy(out)
+
+
+def test_test_arguments_cover_every_constructor_argument():
+    """Each argument is set to a non-default value, so a dropped one shows."""
+    for cls, args in (
+        (VisionMoEBackbone, BACKBONE_ARGS),
+        (VisionMoEImageClassifier, CLASSIFIER_ARGS),
+    ):
+        for name, default in _constructor_defaults(cls).items():
+            assert name in args, f"{cls.__name__}({name}=...) is not tested"
+            assert args[name] != default, f"{cls.__name__}: {name} is the default"
 
 
 def test_get_config_round_trips_every_argument():
@@ -53,8 +77,27 @@ def test_get_config_round_trips_every_argument():
     config = classifier.get_config()
     for key, value in CLASSIFIER_ARGS.items():
         assert config[key] == value, key
-    clone = VisionMoEImageClassifier.from_config(config)
+    clone = VisionMoEImageClassifier.from_config(json.loads(json.dumps(config)))
     assert clone.get_config()["backbone"]["config"] == backbone.get_config()
+    for key, value in CLASSIFIER_ARGS.items():
+        assert clone.get_config()[key] == value, key
+
+
+def test_head_dtype_round_trips_under_mixed_precision():
+    backbone = VisionMoEBackbone(**TINY, dtype="mixed_bfloat16")
+    for head_dtype, expected in (
+        ("float32", "float32"),
+        (keras.DTypePolicy("float16"), "float16"),
+        (None, "mixed_bfloat16"),  # the backbone's policy
+    ):
+        model = VisionMoEImageClassifier(backbone, num_classes=2, head_dtype=head_dtype)
+        config = json.loads(json.dumps(model.get_config()))
+        # (from_config replaces the backbone entry of the dict it is given.)
+        clone = VisionMoEImageClassifier.from_config(json.loads(json.dumps(config)))
+        for m in (model, clone):
+            assert m.get_layer("head").dtype_policy.name == expected
+            assert m.get_layer("pre_logits").dtype_policy.name == expected
+        assert json.loads(json.dumps(clone.get_config())) == config
 
 
 @pytest.mark.parametrize("router", [None, "softmax_token_choice"])
@@ -124,3 +167,22 @@ def test_generated_json_matches_save_to_preset(tmp_path):
     assert (
         generated["metadata.json"]["parameter_count"] == saved_meta["parameter_count"]
     )
+
+
+def test_sharded_preset_round_trip(tmp_path, images):
+    """A preset saved in shards (keras-hub's `max_shard_size`) loads exactly."""
+    backbone = VisionMoEBackbone(**BACKBONE_ARGS)
+    model = VisionMoEImageClassifier(backbone, **CLASSIFIER_ARGS)
+    expected = _predict(backbone, images)
+    # 2e-5 GB = 21,475 bytes; the backbone's weights are larger, so shards.
+    assert backbone.count_params() * 4 > 2e-5 * 1024**3
+    model.save_to_preset(str(tmp_path), max_shard_size=2e-5)
+    files = set(os.listdir(tmp_path))
+    assert "model.weights.json" in files and "model.weights.h5" not in files
+    assert {"model_00000.weights.h5", "model_00001.weights.h5"} <= files
+    for loaded in (
+        models.from_preset(str(tmp_path)).backbone,
+        VisionMoEBackbone.from_preset(str(tmp_path)),
+        keras_hub.models.Backbone.from_preset(str(tmp_path)),
+    ):
+        np.testing.assert_array_equal(_predict(loaded, images), expected)
