@@ -17,7 +17,13 @@ class BuildPyWithPresets(build_py):
         super().run()
         source = pathlib.Path(__file__).resolve().parent
         target = pathlib.Path(self.build_lib) / "keras_vmoe" / "presets"
-        for folder in sorted(p for p in source.iterdir() if (p / "config.json").is_file()):
+        folders = sorted(
+            p
+            for p in source.iterdir()
+            # Hidden folders are left by interrupted atomic saves, not presets.
+            if not p.name.startswith(".") and (p / "config.json").is_file()
+        )
+        for folder in folders:
             destination = target / folder.name
             destination.mkdir(parents=True, exist_ok=True)
             for path in folder.iterdir():
