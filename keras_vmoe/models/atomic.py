@@ -213,3 +213,29 @@ def _swap_in(tmp, path):
         raise
     _fsync_folder(os.path.dirname(path))
     _remove(old)
+
+
+class AtomicPresetSave:
+    """Mixin making a keras-hub model's `save_to_preset` atomic.
+
+    Put it before the keras-hub base class (`class M(AtomicPresetSave,
+    Backbone)`): the base's files (`config.json`, weights, and for a task
+    `task.json` with the backbone's files) are written into a temporary
+    sibling folder that then replaces `preset_dir` (see `atomic_directory`),
+    so an interrupted save leaves the previous preset as it was.
+    """
+
+    def save_to_preset(self, preset_dir, max_shard_size=10):
+        """Saves the model as a keras-hub preset folder, atomically.
+
+        Args:
+            preset_dir: str. The preset folder. An existing one is replaced
+                if it is empty or a preset (has `config.json`).
+            max_shard_size: int or float. Largest weights file in GB before
+                the weights are sharded. Defaults to `10`.
+
+        Raises:
+            FileExistsError: `preset_dir` holds files but no `config.json`.
+        """
+        with atomic_directory(preset_dir) as staging:
+            super().save_to_preset(staging, max_shard_size=max_shard_size)

@@ -4,6 +4,7 @@ import keras
 from keras_hub.models import Backbone
 
 from keras_vmoe.models import vit_layers
+from keras_vmoe.models.atomic import AtomicPresetSave
 from keras_vmoe.models.backbone_config import (
     check_backbone_arguments,
     parse_moe_layers,  # noqa: F401 (re-exported: models.vmoe_backbone API)
@@ -12,7 +13,7 @@ from keras_vmoe.models.encoder_block import EncoderBlock
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class VisionMoEBackbone(Backbone):
+class VisionMoEBackbone(AtomicPresetSave, Backbone):
     """Vision Transformer with Mixture-of-Experts MLP blocks (V-MoE).
 
     The V-MoE of Riquelme et al. 2021 ("Scaling Vision with Sparse Mixture
@@ -237,27 +238,6 @@ class VisionMoEBackbone(Backbone):
             }
         )
         return config
-
-    def save_to_preset(self, preset_dir, max_shard_size=10):
-        """Saves the backbone as a keras-hub preset folder, atomically.
-
-        The files are written into a temporary sibling folder that then
-        replaces `preset_dir` (see `keras_vmoe.models.atomic`): an
-        interrupted save leaves the previous preset as it was.
-
-        Args:
-            preset_dir: str. The preset folder. An existing one is replaced
-                if it is empty or a preset (has `config.json`).
-            max_shard_size: int or float. Largest weights file in GB before
-                the weights are sharded. Defaults to `10`.
-
-        Raises:
-            FileExistsError: `preset_dir` holds files but no `config.json`.
-        """
-        from keras_vmoe.models.atomic import atomic_directory
-
-        with atomic_directory(preset_dir) as staging:
-            super().save_to_preset(staging, max_shard_size=max_shard_size)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

@@ -8,6 +8,7 @@ from keras import ops
 from keras_hub.models import ImageClassifier
 from keras_hub.src.models.task import Task
 
+from keras_vmoe.models.atomic import AtomicPresetSave
 from keras_vmoe.models.losses import (
     LOSS_TYPES,
     ClassificationCrossEntropy,
@@ -49,7 +50,7 @@ class Top1Accuracy(keras.metrics.MeanMetricWrapper):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class VisionMoEImageClassifier(ImageClassifier):
+class VisionMoEImageClassifier(AtomicPresetSave, ImageClassifier):
     """Image classifier on a `VisionMoEBackbone` (V-MoE head).
 
     Pooled backbone features go through an optional pre-logits layer
@@ -241,28 +242,6 @@ class VisionMoEImageClassifier(ImageClassifier):
         self.compile(**config)
         if self.built and getattr(self, "optimizer", None) is not None:
             self.optimizer.build(self.trainable_variables)
-
-    def save_to_preset(self, preset_dir, max_shard_size=10):
-        """Saves the classifier as a keras-hub preset folder, atomically.
-
-        Writes `task.json`, `task.weights.h5` and the backbone's files into a
-        temporary sibling folder that then replaces `preset_dir` (see
-        `keras_vmoe.models.atomic`): an interrupted save leaves the previous
-        preset as it was.
-
-        Args:
-            preset_dir: str. The preset folder. An existing one is replaced
-                if it is empty or a preset (has `config.json`).
-            max_shard_size: int or float. Largest weights file in GB before
-                the weights are sharded. Defaults to `10`.
-
-        Raises:
-            FileExistsError: `preset_dir` holds files but no `config.json`.
-        """
-        from keras_vmoe.models.atomic import atomic_directory
-
-        with atomic_directory(preset_dir) as staging:
-            super().save_to_preset(staging, max_shard_size=max_shard_size)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
