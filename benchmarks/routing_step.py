@@ -55,9 +55,7 @@ def _first_k_and_threshold(x, k, lower_bound=None):
     del lower_bound
     values = x[..., :k]  # (..., k)
     indices = ops.broadcast_to(ops.arange(k, dtype="int32"), values.shape)
-    ranks = ops.arange(1, k + 1, dtype="float32")  # (k,)
-    tau = ops.max((ops.cumsum(values, axis=-1) - 1.0) / ranks, axis=-1, keepdims=True)
-    return values, indices, tau
+    return values, indices, sparse.simplex_threshold(values)
 
 
 def _solve_floor_step(router, x):

@@ -37,12 +37,25 @@ def _top_k_and_threshold(x, k, lower_bound=None):
     if lower_bound is not None:
         x = ops.where(ops.greater_equal(x, lower_bound), x, float("-inf"))  # (..., n)
     values, indices = top_k(x, k)  # (..., k), sorted by decreasing value
-    # Simplex threshold tau = max_j (sum_{i<=j} v_i - 1) / j over the sorted
-    # top-k values: the maximum sits at the support size of the projection.
-    ranks = ops.arange(1, k + 1, dtype="float32")  # (k,)
+    return values, indices, simplex_threshold(values)
+
+
+def simplex_threshold(values):
+    """The threshold `tau` of the simplex projection of sorted `values`.
+
+    `tau = max_j (sum_{i<=j} v_i - 1) / j` over values sorted by decreasing
+    value: the maximum sits at the support size of the projection, which is
+    `relu(values - tau)`.
+
+    Args:
+        values: float32 tensor `(..., k)`, sorted by decreasing value.
+
+    Returns:
+        float32 tensor `(..., 1)`.
+    """
+    ranks = ops.arange(1, values.shape[-1] + 1, dtype="float32")  # (k,)
     cumsum = ops.cumsum(values, axis=-1)  # (..., k)
-    tau = ops.max((cumsum - 1.0) / ranks, axis=-1, keepdims=True)  # (..., 1)
-    return values, indices, tau
+    return ops.max((cumsum - 1.0) / ranks, axis=-1, keepdims=True)  # (..., 1)
 
 
 def _projection_from_top_k(x, values, indices, tau):
