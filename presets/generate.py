@@ -5,7 +5,7 @@
 
 Each folder gets `config.json` (backbone), `task.json` (classifier) and
 `metadata.json` (description, parameter count, FLOPs per image), computed
-from the definitions in `keras_vmoe/models/presets.py` without building the
+from the definitions in `keras_vmoe/models/vision_moe/presets.py` without building the
 models. Edit the definitions there, not the JSON files.
 """
 
@@ -15,7 +15,7 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_vmoe.models import presets  # noqa: E402
+from keras_vmoe.models.vision_moe import presets  # noqa: E402
 
 
 def main(argv):

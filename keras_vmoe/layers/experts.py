@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from keras_vmoe.routers.base import check_bool, check_positive_int, check_rate
+from keras_vmoe.utils.checks import check_bool, check_positive_int, check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_vmoe.routers.base import check_bool, check_positive_int
+from keras_vmoe.utils.checks import check_bool, check_positive_int
 from keras_vmoe.routers.registry import ROUTER_NAMES
 
 # Routing statistics kept as non-trainable variables, refreshed every call.

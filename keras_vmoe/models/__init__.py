@@ -6,22 +6,22 @@ Example:
 True
 """
 
-from keras_vmoe.models.backbone_config import parse_moe_layers
-from keras_vmoe.models.cost import (
+from keras_vmoe.models.vision_moe.config import parse_moe_layers
+from keras_vmoe.models.vision_moe.cost import (
     backbone_flops,
     count_backbone_params,
     count_head_params,
 )
 from keras_vmoe.models.preset_loader import PresetFileError, UnsafePresetError
-from keras_vmoe.models.presets import (
+from keras_vmoe.models.vision_moe.presets import (
     from_preset,
     generate_presets,
     list_presets,
     presets_dir,
     register_with_keras_hub,
 )
-from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
-from keras_vmoe.models.vmoe_image_classifier import (
+from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.models.vision_moe.image_classifier import (
     ClassificationCrossEntropy,
     Top1Accuracy,
     VisionMoEImageClassifier,

@@ -17,8 +17,8 @@ import pathlib
 
 import keras
 
-from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
-from keras_vmoe.models.vmoe_image_classifier import VisionMoEImageClassifier
+from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.models.vision_moe.image_classifier import VisionMoEImageClassifier
 
 PRESETS_ENV_VAR = "KERAS_VMOE_PRESETS_DIR"
 _DEFAULT_IMAGE_SHAPE = (224, 224, 3)

@@ -8,7 +8,7 @@ import math
 
 from keras import ops
 
-from keras_vmoe.ot._checks import check_positive_float, check_positive_int, check_rank
+from keras_vmoe.utils.checks import check_positive_float, check_positive_int, check_rank
 
 # Largest spread `max - min` of `logits / epsilon` within a group for which
 # the kernel (multiplicative) form runs. With the kernel shifted so that its
@@ -124,10 +124,10 @@ def sinkhorn_plan(logits, num_iters=20, epsilon=1.0):
     >>> np.asarray(plan)[0, 0].tolist()
     [0.5, 0.5]
     """
-    num_iters = check_positive_int(num_iters, "num_iters")
-    epsilon = check_positive_float(epsilon, "epsilon")
+    num_iters = check_positive_int("num_iters", num_iters)
+    epsilon = check_positive_float("epsilon", epsilon)
     logits = ops.convert_to_tensor(logits)
-    check_rank(logits, 3, "logits", "(groups, tokens, experts)")
+    check_rank("logits", logits, 3, "(groups, tokens, experts)")
     scores = ops.stop_gradient(ops.cast(logits, "float32") / epsilon)  # (G, S, E)
     num_tokens, num_experts = scores.shape[1], scores.shape[2]
     log_b = math.log(num_tokens / num_experts)  # log of expert marginal S / E

@@ -8,7 +8,7 @@ ICLR 2023, https://arxiv.org/abs/2209.15466).
 from keras import ops
 
 from keras_vmoe.backend import top_k
-from keras_vmoe.ot._checks import check_positive_float, check_positive_int, check_rank
+from keras_vmoe.utils.checks import check_positive_float, check_positive_int, check_rank
 
 _ADAM_BETA_1 = 0.9
 _ADAM_BETA_2 = 0.999
@@ -125,7 +125,7 @@ def ksparse_simplex_projection(x, k, axis=-1):
     >>> np.asarray(p).tolist()
     [0.0, 1.0, 0.0]
     """
-    k = check_positive_int(k, "k")
+    k = check_positive_int("k", k)
     x = ops.convert_to_tensor(x)
     if len(x.shape) < 1:
         raise ValueError(f"`x` must have rank >= 1, got shape {tuple(x.shape)}.")
@@ -184,11 +184,11 @@ def sparse_ot_plan(similarity, k, num_steps=20, learning_rate=0.01):
     >>> plan.sum(axis=1).round(5).tolist()
     [[4.0, 4.0]]
     """
-    k = check_positive_int(k, "k")
-    num_steps = check_positive_int(num_steps, "num_steps")
-    learning_rate = check_positive_float(learning_rate, "learning_rate")
+    k = check_positive_int("k", k)
+    num_steps = check_positive_int("num_steps", num_steps)
+    learning_rate = check_positive_float("learning_rate", learning_rate)
     similarity = ops.convert_to_tensor(similarity)
-    check_rank(similarity, 3, "similarity", "(groups, tokens, experts)")
+    check_rank("similarity", similarity, 3, "(groups, tokens, experts)")
     similarity = ops.cast(ops.stop_gradient(similarity), "float32")  # (G, S, E)
     num_tokens = similarity.shape[1]
     k = min(k, num_tokens)
@@ -218,11 +218,11 @@ def sparse_ot_plan_with_top_k(similarity, k, num_steps=20, learning_rate=0.01):
         largest `z` in decreasing order (ties: lower index first), both
         without gradient.
     """
-    k = check_positive_int(k, "k")
-    num_steps = check_positive_int(num_steps, "num_steps")
-    learning_rate = check_positive_float(learning_rate, "learning_rate")
+    k = check_positive_int("k", k)
+    num_steps = check_positive_int("num_steps", num_steps)
+    learning_rate = check_positive_float("learning_rate", learning_rate)
     similarity = ops.convert_to_tensor(similarity)
-    check_rank(similarity, 3, "similarity", "(groups, tokens, experts)")
+    check_rank("similarity", similarity, 3, "(groups, tokens, experts)")
     if k > similarity.shape[1]:
         raise ValueError(f"`k` ({k}) must be at most S ({similarity.shape[1]}).")
     similarity = ops.cast(ops.stop_gradient(similarity), "float32")  # (G, S, E)

@@ -7,67 +7,18 @@ computation under mixed precision, and argument checking. Subclasses build
 their affinity (e.g. `DenseGating`) and call an allocation function.
 """
 
-import numbers
-
 import keras
 from keras import ops
 
 from keras_vmoe.routers import losses
 from keras_vmoe.routers.capacity import compute_capacity
-
-
-def check_positive_int(name, value, minimum=1):
-    """`value` as an int, or a ValueError naming `name` unless an int >= `minimum`.
-
-    Args:
-        name: str. The argument's name, for the message.
-        value: the argument. Integral floats (`4.0`) are accepted.
-        minimum: int. Smallest accepted value. Defaults to `1`.
-
-    Example:
-    >>> check_positive_int("num_experts", 4.0)
-    4
-    """
-    try:
-        valid = not isinstance(value, bool) and int(value) == value >= minimum
-    except (TypeError, ValueError, OverflowError):
-        valid = False
-    if not valid:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def _is_number(value):
-    """A real number (NumPy scalars included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_positive_float(name, value):
-    """`value` as a float, or a ValueError naming `name` unless it is > 0."""
-    if not _is_number(value) or not value > 0:
-        raise ValueError(f"`{name}` must be a number > 0, got {value!r}.")
-    return float(value)
-
-
-def check_non_negative(name, value):
-    """`value` as a float, or a ValueError naming `name` unless it is >= 0."""
-    if not _is_number(value) or not value >= 0:
-        raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
-    return float(value)
-
-
-def check_rate(name, value):
-    """`value` as a float, or a ValueError naming `name` unless in [0, 1).
-
-    For dropout rates and label smoothing.
-
-    Example:
-    >>> check_rate("dropout_rate", 0.1)
-    0.1
-    """
-    if not _is_number(value) or not 0 <= value < 1:
-        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
-    return float(value)
+from keras_vmoe.utils.checks import (
+    check_bool,
+    check_non_negative,
+    check_positive_float,
+    check_positive_int,
+    is_number,
+)
 
 
 class DefaultCapacityFactor(float):
@@ -93,13 +44,6 @@ DEFAULT_CAPACITY_FACTOR = DefaultCapacityFactor(1.0)
 TOKEN_CHOICE_CAPACITY_FACTOR = DefaultCapacityFactor(1.05)
 # Expert Choice: S tokens at factor 2, the compute of Token Choice K=2 at 1.
 EXPERT_CHOICE_CAPACITY_FACTOR = DefaultCapacityFactor(2.0)
-
-
-def check_bool(name, value):
-    """`value`, or a ValueError naming `name` unless it is True or False."""
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-    return value
 
 
 class Router(keras.layers.Layer):
@@ -158,7 +102,7 @@ class Router(keras.layers.Layer):
                     "Give `eval_capacity_factor` only with `capacity_factor`, "
                     "not with an explicit `capacity`."
                 )
-        elif not _is_number(capacity_factor) or not capacity_factor > 0:
+        elif not is_number(capacity_factor) or not capacity_factor > 0:
             raise ValueError(
                 "Give `capacity_factor` (a number > 0) or an explicit `capacity` "
                 f"(an int >= 1); got capacity_factor={capacity_factor!r}, "

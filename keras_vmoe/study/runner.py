@@ -14,7 +14,7 @@ import numpy as np
 from keras_vmoe.callbacks.routing import moe_layers
 from keras_vmoe.evaluation import fewshot_linear_accuracy
 from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
-from keras_vmoe.models.cost import backbone_flops, head_flops
+from keras_vmoe.models.vision_moe.cost import backbone_flops, head_flops
 from keras_vmoe.study import config as study_config
 from keras_vmoe.study.data import pad_to_multiple
 from keras_vmoe.study.progress import ProgressCallback, ThroughputTimer

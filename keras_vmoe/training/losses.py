@@ -8,7 +8,7 @@ separate registered classes so that `compile_with_recipe(loss="sigmoid" |
 
 import keras
 
-from keras_vmoe.models.losses import ClassificationCrossEntropy
+from keras_vmoe.models.vision_moe.losses import ClassificationCrossEntropy
 
 
 class _FixedTypeCrossEntropy(ClassificationCrossEntropy):

@@ -15,7 +15,7 @@ import re
 import keras
 import numpy as np
 
-from keras_vmoe.routers.base import check_positive_float
+from keras_vmoe.utils.checks import check_positive_float
 
 # V-MoE: 0.1 on every kernel (dense, conv, expert and gating kernels).
 VMOE_WEIGHT_DECAY = ((r"kernel$", 0.1),)

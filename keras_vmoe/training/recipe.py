@@ -237,7 +237,7 @@ def compile_with_recipe(
         cls = SigmoidCrossEntropy if loss == "sigmoid" else SoftmaxCrossEntropy
         loss = cls(from_logits=from_logits, label_smoothing=label_smoothing)
     if metrics == "auto":
-        from keras_vmoe.models.vmoe_image_classifier import Top1Accuracy
+        from keras_vmoe.models.vision_moe.image_classifier import Top1Accuracy
 
         metrics = [Top1Accuracy()]
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **compile_kwargs)
@@ -344,10 +344,10 @@ class BackupAndRestoreWithRNG(keras.callbacks.BackupAndRestore):
         Keras writes the weights file in place, then the epoch; a crash in
         between leaves a truncated file or a mismatched pair. Here all three
         files go into a temporary folder that replaces `backup_dir` when
-        complete (`keras_vmoe.models.atomic`), so the previous backup stays
+        complete (`keras_vmoe.utils.atomic`), so the previous backup stays
         usable until the new one is whole.
         """
-        from keras_vmoe.models.atomic import atomic_directory
+        from keras_vmoe.utils.atomic import atomic_directory
 
         states = seed_state_variables(self.model)
         arrays = {

@@ -14,7 +14,7 @@ warmup_steps=...)`; `warmup_cosine()` below builds it.
 import keras
 from keras import ops
 
-from keras_vmoe.routers.base import (
+from keras_vmoe.utils.checks import (
     check_non_negative,
     check_positive_float,
     check_positive_int,

@@ -8,7 +8,8 @@ each preset folder into the built package as `keras_vmoe/presets/<name>/`;
 import importlib.util
 import pathlib
 
-from keras_vmoe.models import from_preset, list_presets, preset_loader, presets
+from keras_vmoe.models import from_preset, list_presets, preset_loader
+from keras_vmoe.models.vision_moe import presets
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY_OVERRIDES = dict(

@@ -10,8 +10,8 @@ from keras_vmoe.models import (
     backbone_flops,
     count_backbone_params,
     count_head_params,
-    presets,
 )
+from keras_vmoe.models.vision_moe import presets
 
 NAMES = sorted(presets.preset_definitions())
 TINY_OVERRIDES = dict(

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from keras_vmoe import models
-from keras_vmoe.models import VisionMoEBackbone, presets
+from keras_vmoe.models import VisionMoEBackbone
+from keras_vmoe.models.vision_moe import presets
 from keras_vmoe.routers import ROUTER_NAMES
 
 NAMES = sorted(presets.preset_definitions())

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from keras_vmoe import cli
-from keras_vmoe.models import command as presets_command
+from keras_vmoe.cli import presets as presets_command
 from keras_vmoe.models import list_presets
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from keras_vmoe import models
 from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
-from keras_vmoe.models.presets import preset_files
+from keras_vmoe.models.vision_moe.presets import preset_files
 from tests.models.tiny import TINY, tiny_moe
 
 BACKBONE_ARGS = dict(

@@ -15,8 +15,9 @@ import pytest
 from keras_hub.src.utils import preset_utils
 
 from keras_vmoe import models
-from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier, atomic
-from keras_vmoe.models import presets as presets_module
+from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
+from keras_vmoe.utils import atomic
+from keras_vmoe.models.vision_moe import presets as presets_module
 from tests.models.tiny import TINY, tiny_moe
 
 IMAGES = np.random.RandomState(0).rand(2, 16, 16, 3).astype("float32")
@@ -219,7 +220,7 @@ def test_interrupted_train_command_leaves_no_partial_preset(tmp_path, monkeypatc
     """`keras-vmoe train`: a crash while saving the preset leaves no half
     preset, keeps the backup, and `--resume` then writes the preset."""
     from keras_vmoe import cli
-    from keras_vmoe.training import run_outputs
+    from keras_vmoe.cli import train_outputs as run_outputs
 
     out = tmp_path / "run"
     argv = ["train", "--preset", "vit_dense_s32_224", "--dataset", "digits"]

@@ -86,7 +86,7 @@ def test_every_router_runs_the_same_slots(config, slots_per_expert):
 
 
 def test_analytic_flops_are_matched():
-    from keras_vmoe.models.cost import backbone_flops
+    from keras_vmoe.models.vision_moe.cost import backbone_flops
 
     dense = backbone_flops(study_config.backbone_config(DEFAULT, "dense"))
     for name in ROUTER_NAMES:
@@ -249,7 +249,7 @@ def test_unwritable_output_exits_2(tmp_path, capsys):
 
 
 def test_quick_xla_flag_is_scoped(monkeypatch):
-    from keras_vmoe.study import command
+    from keras_vmoe.cli import study as command
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     with command._fast_xla_compilation(True):

@@ -11,7 +11,8 @@ import pytest
 from keras import ops
 
 from keras_vmoe import cli, data
-from keras_vmoe.models import cost, from_preset
+from keras_vmoe.models import from_preset
+from keras_vmoe.models.vision_moe import cost
 from keras_vmoe.training import (
     SigmoidCrossEntropy,
     SoftmaxCrossEntropy,
@@ -20,7 +21,7 @@ from keras_vmoe.training import (
     compile_with_recipe,
     make_schedule,
 )
-from keras_vmoe.training import command as train_command
+from keras_vmoe.cli import train as train_command
 
 PRESET = "vmoe_softmax_tc_s32_e32_224"
 # A tiny V-MoE: 16x16 images, 4x4 = 16 patches of 4 pixels + class token,

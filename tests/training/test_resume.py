@@ -20,7 +20,7 @@ from keras_vmoe.training import (
     compile_with_recipe,
     seed_state_variables,
 )
-from keras_vmoe.training import command as train_command
+from keras_vmoe.cli import train as train_command
 
 EPOCHS = 3
 # A tiny V-MoE with router noise (noise_std 1) and dropout: both draw from

@@ -6,7 +6,8 @@
     keras-vmoe presets   the built-in presets with parameters and FLOPs
     keras-vmoe demo      route and train a tiny MoE stack with every router
 
-Each subcommand lives in its own module and adds itself in `_COMMANDS`.
+Each subcommand lives in its own module of this package (listed in
+`_COMMANDS`). No library module imports from here.
 Bad arguments print a one-line error and exit with status 2.
 """
 
@@ -15,18 +16,16 @@ import importlib
 import os
 import sys
 
+from keras_vmoe.cli.errors import UsageError
+
 # subcommand -> module with `add_arguments(parser)` and `run(args)`.
 _COMMANDS = {
-    "demo": "keras_vmoe.demo",
-    "study": "keras_vmoe.study.command",
-    "train": "keras_vmoe.training.command",
-    "eval": "keras_vmoe.evaluation.command",
-    "presets": "keras_vmoe.models.command",
+    "demo": "keras_vmoe.cli.demo",
+    "study": "keras_vmoe.cli.study",
+    "train": "keras_vmoe.cli.train",
+    "eval": "keras_vmoe.cli.eval",
+    "presets": "keras_vmoe.cli.presets",
 }
-
-
-class UsageError(ValueError):
-    """A bad command-line argument: reported in one line, exit status 2."""
 
 
 def build_parser():
@@ -79,11 +78,3 @@ def main(argv=None):
         print(f"keras-vmoe {args.command}: error: {error}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    # Under `python -m keras_vmoe.cli` (the --backend restart) this file runs
-    # as `__main__`; the commands import `keras_vmoe.cli`, so dispatch there
-    # for `UsageError` to be the class they raise.
-    from keras_vmoe import cli
-
-    sys.exit(cli.main())

@@ -8,14 +8,14 @@ from keras import ops
 from keras_hub.models import ImageClassifier
 from keras_hub.src.models.task import Task
 
-from keras_vmoe.models.atomic import AtomicPresetSave
-from keras_vmoe.models.losses import (
+from keras_vmoe.utils.atomic import AtomicPresetSave
+from keras_vmoe.models.vision_moe.losses import (
     LOSS_TYPES,
     ClassificationCrossEntropy,
     is_sparse_labels,
 )
-from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
-from keras_vmoe.routers.base import check_positive_int, check_rate
+from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.utils.checks import check_positive_int, check_rate
 
 _ACTIVATIONS = (None, "softmax", "sigmoid")
 

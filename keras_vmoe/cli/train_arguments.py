@@ -11,7 +11,7 @@ import json
 import math
 import os
 
-from keras_vmoe.evaluation.command import (
+from keras_vmoe.cli.eval import (
     DEFAULT_SHOTS,
     one_line,
     parse_int_list,
@@ -107,7 +107,7 @@ def add_arguments(parser):
 
 def usage_error(message):
     """A `keras_vmoe.cli.UsageError` (one line, exit status 2) to raise."""
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     return UsageError(message)
 

@@ -9,7 +9,7 @@ and the recipes' `SigmoidCrossEntropy` and `SoftmaxCrossEntropy`
 import keras
 from keras import ops
 
-from keras_vmoe.routers.base import check_rate
+from keras_vmoe.utils.checks import check_rate
 
 LOSS_TYPES = ("softmax", "sigmoid")
 

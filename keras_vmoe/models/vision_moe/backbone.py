@@ -3,13 +3,13 @@
 import keras
 from keras_hub.models import Backbone
 
-from keras_vmoe.models import vit_layers
-from keras_vmoe.models.atomic import AtomicPresetSave
-from keras_vmoe.models.backbone_config import (
+from keras_vmoe.models.vision_moe import vit_layers
+from keras_vmoe.utils.atomic import AtomicPresetSave
+from keras_vmoe.models.vision_moe.config import (
     check_backbone_arguments,
     parse_moe_layers,  # noqa: F401 (re-exported: models.vmoe_backbone API)
 )
-from keras_vmoe.models.encoder_block import EncoderBlock
+from keras_vmoe.models.vision_moe.encoder_block import EncoderBlock
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

@@ -3,7 +3,7 @@
     keras-vmoe presets [--filter TEXT] [--json]
 
 The numbers come from each preset's `metadata.json` (computed from the
-config by `keras_vmoe.models.cost`, nothing is built): `parameter_count`
+config by `keras_vmoe.models.vision_moe.cost`, nothing is built): `parameter_count`
 and `flops_per_image` are the backbone's (forward pass, 2 x multiply-
 accumulates; experts are charged for every slot at the training capacity
 factor); the `--json` output also has the classifier's (with the
@@ -88,7 +88,7 @@ def preset_table(presets):
 
 
 def run(args):
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
     from keras_vmoe.models import list_presets
 
     presets = list_presets()

@@ -15,8 +15,8 @@ expert computation pays for empty slots too.
 
 import inspect
 
-from keras_vmoe.models.backbone_config import parse_moe_layers
-from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
+from keras_vmoe.models.vision_moe.config import parse_moe_layers
+from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
 
 
 def _defaults(cls):

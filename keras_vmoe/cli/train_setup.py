@@ -1,13 +1,13 @@
 """Model and data set-up of `keras-vmoe train`.
 
 `build_model` and `compile_for_run` make the classifier from the run's
-settings (`keras_vmoe.training.arguments`); `training_stream` is the
+settings (`keras_vmoe.cli.train_arguments`); `training_stream` is the
 endless, resumable stream of training batches, and `validation_data` the
 evaluation split padded to whole routing groups.
 """
 
-from keras_vmoe.evaluation.command import crop_fraction_for, group_padded, one_line
-from keras_vmoe.training.arguments import usage_error
+from keras_vmoe.cli.eval import crop_fraction_for, group_padded, one_line
+from keras_vmoe.cli.train_arguments import usage_error
 
 MAX_SHUFFLE_BUFFER = 10_000
 

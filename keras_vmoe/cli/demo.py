@@ -9,7 +9,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}.")

@@ -29,7 +29,7 @@ DEFAULT_SHOTS = "1,5,10,25"
 # ----------------------------------------------------------------------------
 def parse_int_list(text, flag, minimum=1):
     """`"1,5,10"` -> `(1, 5, 10)`; raises `UsageError` naming `flag`."""
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     try:
         values = tuple(int(part) for part in str(text).split(",") if part.strip())
@@ -46,7 +46,7 @@ def parse_int_list(text, flag, minimum=1):
 
 def parse_name_list(text, flag):
     """`"digits,animal_mnist"` -> `("digits", "animal_mnist")`."""
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     names = tuple(part.strip() for part in str(text).split(",") if part.strip())
     if not names:
@@ -66,7 +66,7 @@ def check_dataset(name, split, data_dir=None):
         The number of examples in the split (or `None` if unknown).
     """
     from keras_vmoe import data
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     if name in data.BUNDLED_NAMES and split in ("train", "test"):
         return data.SPLIT_SIZES[name][split]
@@ -289,7 +289,7 @@ def format_table(results):
 
 
 def run(args):
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")

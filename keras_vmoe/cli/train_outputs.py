@@ -18,7 +18,7 @@ import shutil
 
 import keras
 
-from keras_vmoe.training.arguments import RUN_FILE, run_arguments
+from keras_vmoe.cli.train_arguments import RUN_FILE, run_arguments
 
 
 def prepare_run_folder(cfg):
@@ -165,7 +165,7 @@ def save_trained_preset(model, cfg, recipe, total, epochs):
         `(preset folder, final metrics)`: the last value of each metric in
         `history.json`.
     """
-    from keras_vmoe.models.atomic import atomic_directory
+    from keras_vmoe.utils.atomic import atomic_directory
 
     out = cfg["output"]
     preset_dir = os.path.join(out, "preset")
@@ -191,7 +191,7 @@ def save_trained_preset(model, cfg, recipe, total, epochs):
 
 def write_metadata(preset_dir, model, cfg, recipe, total, epochs, final):
     """Adds sizes, cost and the training run to the preset's metadata.json."""
-    from keras_vmoe.models import cost
+    from keras_vmoe.models.vision_moe import cost
 
     path = os.path.join(preset_dir, "metadata.json")
     with open(path, encoding="utf-8") as f:

@@ -32,9 +32,9 @@ import pathlib
 
 import keras
 
-from keras_vmoe.models import cost
-from keras_vmoe.models.atomic import atomic_directory
-from keras_vmoe.models.backbone_config import parse_moe_layers
+from keras_vmoe.models.vision_moe import cost
+from keras_vmoe.utils.atomic import atomic_directory
+from keras_vmoe.models.vision_moe.config import parse_moe_layers
 from keras_vmoe.models.preset_loader import (  # noqa: F401 - re-exported
     builtin_names,
     from_preset,
@@ -44,8 +44,8 @@ from keras_vmoe.models.preset_loader import (  # noqa: F401 - re-exported
     read_json,
     resolve_preset,
 )
-from keras_vmoe.models.vmoe_backbone import VisionMoEBackbone
-from keras_vmoe.models.vmoe_image_classifier import VisionMoEImageClassifier
+from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.models.vision_moe.image_classifier import VisionMoEImageClassifier
 
 # (num_layers, hidden_dim, mlp_dim, num_heads); ROUTERS.md section 4.
 SIZES = {

@@ -10,7 +10,7 @@ so its weights live at `encoder_block_{i}/moe/router/...` and
 
 import keras
 
-from keras_vmoe.models.vit_layers import MlpBlock
+from keras_vmoe.models.vision_moe.vit_layers import MlpBlock
 
 _PACKAGE = "keras_vmoe"
 

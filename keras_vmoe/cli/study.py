@@ -64,7 +64,7 @@ def parse_models(text):
     >>> parse_models("soft,dense")
     ('dense', 'soft')
     """
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     if text.strip().lower() == "all":
         return study_config.MODEL_NAMES
@@ -81,7 +81,7 @@ def parse_models(text):
 
 
 def _check_output(path):
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     try:
         os.makedirs(path, exist_ok=True)
@@ -147,7 +147,7 @@ def _fast_xla_compilation(enabled):
 
 def make_config(args):
     """The `StudyConfig` for parsed arguments (validated)."""
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     config = study_config.QUICK if args.quick else study_config.DEFAULT
     if args.epochs is not None:
@@ -161,7 +161,7 @@ def make_config(args):
 
 
 def run(args):
-    from keras_vmoe.cli import UsageError
+    from keras_vmoe.cli.errors import UsageError
 
     models = parse_models(args.routers)
     if args.seeds < 1:

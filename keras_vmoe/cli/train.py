@@ -26,23 +26,24 @@ position in the run only (pass `p` of the training split is shuffled and
 augmented with a seed derived from `--seed` and `p`), so `--resume` starts
 the stream where the interrupted run's last completed epoch left it.
 
-`run` here puts the steps together: `keras_vmoe.training.arguments` (the
-flags, their checks, the plan of steps), `keras_vmoe.training.run_setup`
-(model, recipe and data) and `keras_vmoe.training.run_outputs` (the run
+`run` here puts the steps together: `keras_vmoe.cli.train_arguments` (the
+flags, their checks, the plan of steps), `keras_vmoe.cli.train_setup`
+(model, recipe and data) and `keras_vmoe.cli.train_outputs` (the run
 folder, its logs and the trained preset).
 """
 
 import os
 
-from keras_vmoe.evaluation.command import (
+from keras_vmoe.cli.eval import (
     check_dataset,
     fewshot_evaluator,
     format_table,
     num_classes_of,
     one_line,
 )
-from keras_vmoe.training import run_outputs, run_setup
-from keras_vmoe.training.arguments import (
+from keras_vmoe.cli import train_outputs as run_outputs
+from keras_vmoe.cli import train_setup as run_setup
+from keras_vmoe.cli.train_arguments import (
     add_arguments,  # noqa: F401 (keras_vmoe.cli calls command.add_arguments)
     plan_steps,
     resolve_settings,
@@ -70,7 +71,7 @@ def run(args, callbacks=None):
     ```python
     import keras
     from keras_vmoe import cli
-    from keras_vmoe.training import command
+    from keras_vmoe.cli import train as command
 
     args = cli.build_parser().parse_args(
         ["train", "--preset", "vit_dense_s32_224", "--dataset", "digits",
@@ -96,7 +97,7 @@ def run(args, callbacks=None):
     import keras
 
     from keras_vmoe.callbacks import RoutingStatistics
-    from keras_vmoe.evaluation.command import model_group_size, model_image_shape
+    from keras_vmoe.cli.eval import model_group_size, model_image_shape
     from keras_vmoe.training.recipe import BackupAndRestoreWithRNG
 
     # === The model ===

@@ -9,8 +9,8 @@ indices (`parse_moe_layers`) and the token sequence length.
 import collections
 import difflib
 
-from keras_vmoe.models import vit_layers
-from keras_vmoe.routers.base import (
+from keras_vmoe.models.vision_moe import vit_layers
+from keras_vmoe.utils.checks import (
     check_positive_float,
     check_positive_int,
     check_rate,

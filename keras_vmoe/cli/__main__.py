@@ -1,0 +1,7 @@
+"""`python -m keras_vmoe.cli`: how `--backend` restarts the command."""
+
+import sys
+
+from keras_vmoe.cli import main
+
+sys.exit(main())

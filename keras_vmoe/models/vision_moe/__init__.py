@@ -1,0 +1,13 @@
+"""The V-MoE model family: a ViT whose MLP blocks may be Mixture-of-Experts.
+
+One folder, read top to bottom: `vit_layers` (patches, class token, position
+embedding, MLP), `encoder_block` (attention + MLP or MoE), `config` (argument
+checks and the derived layout), `backbone`, `image_classifier` (with
+`losses`), `layout_map` (sharding with `keras.distribution`), `cost`
+(parameters and FLOPs from a config) and `presets`.
+"""
+
+from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.models.vision_moe.image_classifier import VisionMoEImageClassifier
+
+__all__ = ["VisionMoEBackbone", "VisionMoEImageClassifier"]

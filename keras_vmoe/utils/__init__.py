@@ -1,0 +1,1 @@
+"""Generic utilities: argument checks and atomic file writes."""
