@@ -19,26 +19,26 @@ import keras
 import numpy as np
 
 from benchmarks.common import interleaved_median_times, markdown_table
+from keras_vmoe import routers
 from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
 
 BATCH, STEPS = 32, 12
 TOKENS = 65  # 64 patches + class token
 GROUP_IMAGES, E = 4, 8
+# One slot per token for every router: C = ceil(S / E) = ceil(260 / 8) = 33
+# slots per expert, each router's settings for that budget (None: dense ViT).
+BUDGET = routers.ComputeBudget.from_capacity_factor(GROUP_IMAGES * TOKENS, E, 1, 1.0)
 ROUTERS = {
     None: {},
-    "softmax_token_choice": dict(num_selected_experts=1, capacity_factor=1.0),
-    "sinkhorn_token_choice": dict(num_selected_experts=1, capacity_factor=1.0),
-    "softmax_expert_choice": dict(capacity_factor=1.0),
-    "sinkhorn_expert_choice": dict(capacity_factor=1.0),
-    "sparsity_constrained_expert_choice": dict(capacity_factor=1.0),
-    "soft": dict(num_slots=GROUP_IMAGES * TOKENS // E),
+    **{
+        name: routers.get_class(name).equal_compute_config(BUDGET)
+        for name in routers.router_names()
+    },
 }
 
 
 def make_model(router):
     config = dict(ROUTERS[router])
-    if router not in (None, "soft"):
-        config["capacity_multiple_of"] = 1
     backbone = VisionMoEBackbone(
         image_shape=(32, 32, 3),
         patch_size=4,

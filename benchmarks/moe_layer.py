@@ -28,13 +28,12 @@ EXPERTS_ONLY = "experts only (no routing, dispatch or combine)"
 IMAGES_PER_GROUP, TOKENS_PER_IMAGE, GROUPS = 8, 65, 8
 S = IMAGES_PER_GROUP * TOKENS_PER_IMAGE
 
+# Every router fills S / E = 65 slots per expert (one slot per token, the
+# dense MLP's compute): each router's settings for that budget.
+BUDGET = routers.ComputeBudget.from_capacity_factor(S, E, 1, 1.0)
 ROUTER_SETTINGS = {
-    "softmax_token_choice": dict(num_selected_experts=1, capacity_factor=1.0),
-    "sinkhorn_token_choice": dict(num_selected_experts=1, capacity_factor=1.0),
-    "softmax_expert_choice": dict(capacity_factor=1.0),
-    "sinkhorn_expert_choice": dict(capacity_factor=1.0),
-    "sparsity_constrained_expert_choice": dict(capacity_factor=1.0),
-    "soft": dict(num_slots=S // E),
+    name: routers.get_class(name).equal_compute_config(BUDGET)
+    for name in routers.router_names()
 }
 
 
@@ -50,8 +49,6 @@ def dense_mlp():
 
 def make_moe(name, use_einsum_dispatch=False, group_size=S):
     kwargs = dict(ROUTER_SETTINGS[name], num_experts=E)
-    if name != "soft":
-        kwargs["capacity_multiple_of"] = 1
     return MoE(
         routers.get(name, **kwargs),
         MlpExperts(E, H),

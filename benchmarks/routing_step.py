@@ -33,13 +33,11 @@ from keras_vmoe.ot import sparse
 
 G, S, E, D = 8, 8 * 65, 32, 384
 BASELINE = "softmax_expert_choice"
+# Each router at its setting in the paper's presets (its `preset_recipe`).
 ROUTER_SETTINGS = {
-    "softmax_token_choice": dict(num_selected_experts=2, capacity_factor=1.05),
-    "sinkhorn_token_choice": dict(num_selected_experts=2, capacity_factor=1.05),
-    "softmax_expert_choice": dict(capacity_factor=2.0),
-    "sinkhorn_expert_choice": dict(capacity_factor=2.0),
-    "sparsity_constrained_expert_choice": dict(capacity_factor=2.0),
-    "soft": dict(capacity_factor=2.0),
+    name: routers.get_class(name).preset_recipe().router_config
+    for name in routers.router_names()
+    if routers.get_class(name).preset_recipe() is not None
 }
 SPARSITY = "sparsity_constrained_expert_choice"
 SOLVE_FLOOR = "sparse OT solve alone, no top-k (floor)"
@@ -70,7 +68,7 @@ def _solve_floor_step(router, x):
     """
     _, logits = router.gating_logits(ops.convert_to_tensor(x), False)
     similarity = ops.softmax(logits, axis=-1)  # (G, S, E)
-    capacity = router.group_capacity(S, False)
+    capacity = router.slots_per_expert(S, training=False)
 
     def solve(similarity):
         with mock.patch.object(sparse, "_top_k_and_threshold", _first_k_and_threshold):
@@ -95,7 +93,7 @@ def _solve_floor_step(router, x):
 
 def _routing_tensors(routing):
     """The tensors a `Routing` carries (sparse slots or soft weights)."""
-    if routing.is_sparse:
+    if isinstance(routing, routers.SparseRouting):
         return routing.slot_token, routing.slot_mask, routing.slot_weight
     return routing.dispatch_weights, routing.combine_weights
 

@@ -11,7 +11,7 @@ Shapes: scores `(G, S, E)`; the result's slots `(G, E, C)`.
 from keras import ops
 
 from keras_vmoe import backend
-from keras_vmoe.routers.routing import Routing
+from keras_vmoe.routers.routing import SparseRouting
 
 
 def _check_scores(scores, combine_weights):
@@ -121,7 +121,7 @@ def token_choice(
     # Token ids and the mask are counts, not functions of the scores: keep
     # them out of the backward pass (with them in it, XLA's CPU backward of
     # this layer ran ~4x slower).
-    return Routing.sparse(
+    return SparseRouting(
         slot_token=ops.cast(ops.stop_gradient(filled[..., 0]), "int32"),
         slot_mask=ops.stop_gradient(filled[..., 1]),
         slot_weight=filled[..., 2],
@@ -169,6 +169,6 @@ def expert_choice(scores, capacity, combine_weights=None):
         tokens = ops.pad(tokens, pad)
         weights = ops.pad(weights, pad)
         mask = ops.pad(mask, pad)
-    return Routing.sparse(
+    return SparseRouting(
         slot_token=tokens, slot_mask=mask, slot_weight=weights, num_tokens=s
     )

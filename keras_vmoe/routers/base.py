@@ -1,303 +1,201 @@
-"""`Router`: the shared part of every router layer.
+"""`Router`: the contract every router layer fulfils.
 
-A router maps a batch of token groups `(G, S, d)` to a `Routing`. This base
-class holds what the routers share: the number of experts, the capacity
-settings (with a separate factor for evaluation), the gating noise, float32
-computation under mixed precision, and argument checking. Subclasses build
-their affinity (e.g. `DenseGating`) and call an allocation function.
+A router maps token groups `(G, S, d)` to a routing (`SparseRouting` or
+`SoftRouting`, see `routing.py`). Besides routing, each router class answers
+the questions the rest of the package asks of a router, so that a new router
+is one file and nothing outside `routers/` keeps a per-router table:
+
+- its registered name (`@register_router("name")`, in `registry.py`) and a
+  human-readable `label`;
+- what kind of routing it returns (`routing_class`);
+- how many slots per expert it fills for a group of `S` tokens
+  (`slots_per_expert`), and its settings that fill a given number of slots
+  (`equal_compute_config`, for comparisons at equal compute);
+- its cost: routing multiply-accumulates (`routing_macs`) and weights
+  (`weight_count`), for the cost model without building anything;
+- the names of its weights (`weight_names`), for sharding layouts;
+- its setting in the paper's presets (`preset_recipe`), or none.
+
+See docs/architecture.md, "Adding a router".
 """
 
+import dataclasses
+import math
+
 import keras
-from keras import ops
 
-from keras_vmoe.routers import losses
-from keras_vmoe.routers.capacity import compute_capacity
-from keras_vmoe.utils.checks import (
-    check_bool,
-    check_non_negative,
-    check_positive_float,
-    check_positive_int,
-    is_number,
-)
+from keras_vmoe.routers.routing import SparseRouting
+from keras_vmoe.utils.checks import check_positive_int
 
 
-class DefaultCapacityFactor(float):
-    """A router's default `capacity_factor`: a float that was not given.
+@dataclasses.dataclass(frozen=True)
+class ComputeBudget:
+    """Expert slots to fill per group: the unit of "equal compute".
 
-    Router signatures use it as the default (it prints and compares as the
-    plain number), so that the router can tell a factor left at its default,
-    which an explicit `capacity` replaces, from one given together with
-    `capacity`, which is an error.
+    Every router given `equal_compute_config(budget)` fills
+    `slots_per_expert` slots of each of `num_experts` experts per group of
+    `tokens_per_group` tokens, in training and evaluation alike, so the
+    experts do the same work whatever the router.
+
+    Args:
+        tokens_per_group: int. `S`.
+        num_experts: int. `E`.
+        slots_per_expert: int. `C`.
+        num_selected_experts: int. `K` for the routers that choose `K`
+            experts per token (Token Choice). Defaults to 1.
 
     Example:
-    >>> DefaultCapacityFactor(1.05) == 1.05
-    True
+    >>> budget = ComputeBudget.from_capacity_factor(68, 8, 2, 1.0)
+    >>> budget.slots_per_expert  # ceil(68 * 2 * 1.0 / 8) = 17
+    17
     """
 
-    def __repr__(self):
-        return float.__repr__(self)
+    tokens_per_group: int
+    num_experts: int
+    slots_per_expert: int
+    num_selected_experts: int = 1
+
+    def __post_init__(self):
+        for name in (
+            "tokens_per_group",
+            "num_experts",
+            "slots_per_expert",
+            "num_selected_experts",
+        ):
+            check_positive_int(name, getattr(self, name))
+        if self.num_selected_experts > self.num_experts:
+            raise ValueError(
+                f"`num_selected_experts` ({self.num_selected_experts}) must be at "
+                f"most `num_experts` ({self.num_experts})."
+            )
+
+    @classmethod
+    def from_capacity_factor(
+        cls, tokens_per_group, num_experts, num_selected_experts, capacity_factor
+    ):
+        """The budget of Token Choice with `K` experts per token at factor `c`.
+
+        `C = ceil(S * K * c / E)`, without rounding to a multiple.
+        """
+        exact = tokens_per_group * num_selected_experts * capacity_factor
+        slots = math.ceil(exact / num_experts)
+        if slots < 1:
+            raise ValueError(
+                f"capacity_factor={capacity_factor!r} gives {slots} slots per "
+                "expert; it must be at least 1."
+            )
+        return cls(tokens_per_group, num_experts, slots, num_selected_experts)
+
+    @property
+    def expert_slots(self):
+        """`E * C`: slots per group, all experts together."""
+        return self.num_experts * self.slots_per_expert
 
 
-# The routers' default capacity factors (see `DefaultCapacityFactor`).
-DEFAULT_CAPACITY_FACTOR = DefaultCapacityFactor(1.0)
-# Token Choice: S * K choices at factor 1.05 (the V-MoE recipe).
-TOKEN_CHOICE_CAPACITY_FACTOR = DefaultCapacityFactor(1.05)
-# Expert Choice: S tokens at factor 2, the compute of Token Choice K=2 at 1.
-EXPERT_CHOICE_CAPACITY_FACTOR = DefaultCapacityFactor(2.0)
+@dataclasses.dataclass(frozen=True)
+class PresetRecipe:
+    """A router's setting in the built-in presets (the paper's setting).
+
+    Args:
+        short_name: str. The router's part of preset names
+            (`vmoe_<short_name>_b16_e32_224`).
+        router_config: dict. Router arguments (without `num_experts`).
+        images_per_group: int. Images per routing group.
+        description: str. One line for the preset's description.
+    """
+
+    short_name: str
+    router_config: dict
+    images_per_group: int
+    description: str
 
 
 class Router(keras.layers.Layer):
-    """Base class of the router layers.
+    """Base class of every router layer: the router contract.
 
     Routers always compute in float32: unless a `dtype` is given, the layer
     uses the float32 policy even when the model runs in bfloat16 or float16.
+    A subclass implements `call` (returning an instance of its
+    `routing_class`) and the methods below that raise `NotImplementedError`,
+    and registers itself with `@register_router("name")`.
 
     Args:
         num_experts: int. Number of experts `E`.
-        capacity_factor: float. Training capacity factor. Give it or
-            `capacity`, not both. Defaults to the subclass's default (unused
-            when `capacity` is given).
-        eval_capacity_factor: float. Capacity factor when not training.
-            Defaults to `None` (same as `capacity_factor`).
-        capacity: int. Explicit slots per expert, instead of a factor.
-            Defaults to `None`.
-        capacity_multiple_of: int. Round capacities up to a multiple of
-            this. Defaults to 4.
-        noise_std: float. Gating noise during training is
-            `noise_std / E * N(0, 1)`. Defaults to 1.0.
-        seed: int. Seed of the gating noise. Defaults to `None`.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`).
     """
 
-    # Whether Token Choice counting applies (num_tokens = S * K).
-    counts_selected_experts = False
+    # Set by `@register_router`.
+    router_name = None
+    # Human-readable name, for tables and plots.
+    label = None
+    # What `call` returns: `SparseRouting` or `SoftRouting`.
+    routing_class = SparseRouting
+    # Names of the router's weights (for sharding layouts).
+    weight_names = ()
 
-    def __init__(
-        self,
-        num_experts,
-        capacity_factor=DEFAULT_CAPACITY_FACTOR,
-        eval_capacity_factor=None,
-        capacity=None,
-        capacity_multiple_of=4,
-        noise_std=1.0,
-        seed=None,
-        **kwargs,
-    ):
+    def __init__(self, num_experts, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.num_experts = check_positive_int("num_experts", num_experts)
-        if capacity is not None:
-            if capacity_factor is not None and not isinstance(
-                capacity_factor, DefaultCapacityFactor
-            ):
-                raise ValueError(
-                    "Give either `capacity_factor` or an explicit `capacity`, not "
-                    f"both; got capacity_factor={capacity_factor!r}, "
-                    f"capacity={capacity!r}."
-                )
-            capacity_factor = None
-            check_positive_int("capacity", capacity)
-            if eval_capacity_factor is not None:
-                raise ValueError(
-                    "Give `eval_capacity_factor` only with `capacity_factor`, "
-                    "not with an explicit `capacity`."
-                )
-        elif not is_number(capacity_factor) or not capacity_factor > 0:
-            raise ValueError(
-                "Give `capacity_factor` (a number > 0) or an explicit `capacity` "
-                f"(an int >= 1); got capacity_factor={capacity_factor!r}, "
-                f"capacity={capacity!r}."
-            )
-        if eval_capacity_factor is not None:
-            check_positive_float("eval_capacity_factor", eval_capacity_factor)
-        # A plain float (or None) in the layer and its config.
-        self.capacity_factor = (
-            None if capacity_factor is None else float(capacity_factor)
-        )
-        self.eval_capacity_factor = eval_capacity_factor
-        self.capacity = capacity
-        self.capacity_multiple_of = check_positive_int(
-            "capacity_multiple_of", capacity_multiple_of
-        )
-        self.noise_std = check_non_negative("noise_std", noise_std)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def group_capacity(self, group_size, training=False, num_selected_experts=1):
-        """Slots per expert for groups of `group_size` tokens."""
-        factor = self.capacity_factor
-        if not training and self.eval_capacity_factor is not None:
-            factor = self.eval_capacity_factor
-        return compute_capacity(
-            group_size * num_selected_experts,
-            self.num_experts,
-            capacity_factor=factor,
-            capacity=self.capacity,
-            multiple_of=self.capacity_multiple_of,
-        )
+    def slots_per_expert(self, group_tokens, training=True):
+        """Slots per expert `C` for groups of `group_tokens` tokens.
 
-    def add_noise(self, logits, training=False):
-        """Gating noise `noise_std / E * N(0, 1)`, only when training."""
-        if not training or self.noise_std == 0:
-            return logits
-        noise = keras.random.normal(
-            ops.shape(logits), dtype="float32", seed=self.seed_generator
-        )
-        return logits + (self.noise_std / self.num_experts) * noise
+        Args:
+            group_tokens: int. Tokens per group `S`.
+            training: bool. Training or evaluation capacity. Defaults to
+                `True`.
+        """
+        raise NotImplementedError
+
+    def expert_slots(self, group_tokens, training=True):
+        """`E * C`: slots per group that the experts process."""
+        return self.num_experts * self.slots_per_expert(group_tokens, training)
+
+    def routing_macs(self, group_tokens, dim):
+        """Multiply-accumulates of routing one group of `group_tokens` tokens.
+
+        Counts the matrix products of the affinity and of the dispatch and
+        combine, not element-wise work (softmax, Sinkhorn iterations).
+
+        Args:
+            group_tokens: int. Tokens per group `S`.
+            dim: int. Token width `d`.
+        """
+        raise NotImplementedError
+
+    def weight_count(self, dim, group_tokens):
+        """Number of router weights for tokens of width `dim`, without building."""
+        raise NotImplementedError
+
+    @classmethod
+    def equal_compute_config(cls, budget):
+        """Router arguments that fill exactly `budget.slots_per_expert` slots.
+
+        Args:
+            budget: `ComputeBudget`.
+
+        Returns:
+            dict of constructor arguments (without `num_experts`).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def preset_recipe(cls):
+        """The router's `PresetRecipe` in the built-in presets, or None."""
+        return None
 
     @staticmethod
     def check_groups(x):
+        """`x` as float32 after checking that it is `(G, S, d)`."""
         if len(x.shape) != 3:
             raise ValueError(
                 "Router inputs must have shape (groups, group_size, dim), got "
                 f"shape {tuple(x.shape)}."
             )
-        return ops.cast(x, "float32")
+        return keras.ops.cast(x, "float32")
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "num_experts": self.num_experts,
-                "capacity_factor": self.capacity_factor,
-                "eval_capacity_factor": self.eval_capacity_factor,
-                "capacity": self.capacity,
-                "capacity_multiple_of": self.capacity_multiple_of,
-                "noise_std": self.noise_std,
-                "seed": self.seed,
-            }
-        )
-        return config
-
-
-class DenseGatingRouter(Router):
-    """A router whose affinity is a bias-free dense layer `x @ W_g`.
-
-    Adds the gating kernel `(d, E)`, named `gating_kernel`. See `Router` for
-    the other arguments.
-
-    Args:
-        kernel_initializer: initializer of the gating kernel. Defaults to
-            `"lecun_normal"`.
-    """
-
-    def __init__(self, num_experts, kernel_initializer="lecun_normal", **kwargs):
-        super().__init__(num_experts, **kwargs)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-
-    def build(self, input_shape):
-        self.gating_kernel = self.add_weight(
-            name="gating_kernel",
-            shape=(input_shape[-1], self.num_experts),
-            initializer=self.kernel_initializer,
-        )
-
-    def gating_logits(self, x, training=False):
-        """Clean and noisy gating logits, float32 `(G, S, E)` each."""
-        x = self.check_groups(x)
-        clean = ops.matmul(x, ops.cast(self.gating_kernel, "float32"))  # (G, S, E)
-        return clean, self.add_noise(clean, training)
-
-    def get_config(self):
-        config = super().get_config()
-        config["kernel_initializer"] = keras.initializers.serialize(
-            self.kernel_initializer
-        )
-        return config
-
-
-class TokenChoiceRouter(DenseGatingRouter):
-    """Shared part of the Token Choice routers: K, BPR and the balance losses.
-
-    Subclasses compute the scores each token ranks experts by (softmax gates,
-    a transport plan, ...) and call `token_choice`. Capacity counts `S * K`
-    token choices: `C = ceil(S * K * factor / E)`.
-
-    Args:
-        num_experts: int. Number of experts `E`.
-        num_selected_experts: int. `K`, experts per token. Defaults to 2.
-        capacity_factor: float. Defaults to 1.05.
-        batch_priority: bool. Batch priority routing. Defaults to `False`.
-        importance_loss_weight: float. Importance loss on
-            `softmax(clean logits)`. Defaults to 0.
-        load_loss_weight: float. Load loss; applies only when noise is on.
-            Defaults to 0.
-        gshard_loss_weight: float. GShard loss on `softmax(noisy logits)`.
-            Defaults to 0.
-        z_loss_weight: float. Router z-loss on the clean logits. Defaults to 0.
-        **kwargs: see `DenseGatingRouter`.
-    """
-
-    counts_selected_experts = True
-
-    def __init__(
-        self,
-        num_experts,
-        num_selected_experts=2,
-        capacity_factor=TOKEN_CHOICE_CAPACITY_FACTOR,
-        batch_priority=False,
-        importance_loss_weight=0.0,
-        load_loss_weight=0.0,
-        gshard_loss_weight=0.0,
-        z_loss_weight=0.0,
-        **kwargs,
-    ):
-        super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
-        self.num_selected_experts = check_positive_int(
-            "num_selected_experts", num_selected_experts
-        )
-        if self.num_selected_experts > self.num_experts:
-            raise ValueError(
-                f"`num_selected_experts` ({num_selected_experts}) must be at most "
-                f"`num_experts` ({num_experts})."
-            )
-        self.batch_priority = check_bool("batch_priority", batch_priority)
-        self.importance_loss_weight = check_non_negative(
-            "importance_loss_weight", importance_loss_weight
-        )
-        self.load_loss_weight = check_non_negative("load_loss_weight", load_loss_weight)
-        self.gshard_loss_weight = check_non_negative(
-            "gshard_loss_weight", gshard_loss_weight
-        )
-        self.z_loss_weight = check_non_negative("z_loss_weight", z_loss_weight)
-
-    def auxiliary_loss(self, clean, noisy, training):
-        """Weighted sum of the enabled losses `(G,)`, and each loss by name."""
-        parts = {}
-        if self.importance_loss_weight > 0:
-            parts["importance_loss"] = (
-                self.importance_loss_weight,
-                losses.importance_loss(ops.softmax(clean, axis=-1)),
-            )
-        if self.load_loss_weight > 0 and training and self.noise_std > 0:
-            parts["load_loss"] = (
-                self.load_loss_weight,
-                losses.load_loss(
-                    clean, noisy, self.noise_std, self.num_selected_experts
-                ),
-            )
-        if self.gshard_loss_weight > 0:
-            parts["gshard_loss"] = (
-                self.gshard_loss_weight,
-                losses.gshard_loss(ops.softmax(noisy, axis=-1)),
-            )
-        if self.z_loss_weight > 0:
-            parts["router_z_loss"] = (self.z_loss_weight, losses.router_z_loss(clean))
-        if not parts:
-            return None, {}
-        total = sum(weight * value for weight, value in parts.values())
-        return total, {name: value for name, (_, value) in parts.items()}
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "num_selected_experts": self.num_selected_experts,
-                "batch_priority": self.batch_priority,
-                "importance_loss_weight": self.importance_loss_weight,
-                "load_loss_weight": self.load_loss_weight,
-                "gshard_loss_weight": self.gshard_loss_weight,
-                "z_loss_weight": self.z_loss_weight,
-            }
-        )
+        config["num_experts"] = self.num_experts
         return config

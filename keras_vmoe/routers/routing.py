@@ -5,17 +5,21 @@ Shape notation used throughout:
     (the capacity), d: model dimension, K: experts chosen per token.
 
 The definition of any routing is a pair of `(G, S, E, C)` tensors (see
-`docs`/ROUTERS.md): dispatch `D[g, s, e, c]` and combine `W[g, s, e, c]`.
+docs/routers.md, "Dispatch and combine"): dispatch `D[g, s, e, c]` and
+combine `W[g, s, e, c]`.
 
     expert input  x~[g, e, c] = sum_s D[g, s, e, c] * x[g, s]
     token output  y[g, s]     = sum_{e,c} W[g, s, e, c] * f_e(x~[g, e, c])
 
-Sparse routers never build those tensors in the forward pass. They fill each
-slot with at most one token, so a routing is fully described by three
-`(G, E, C)` tensors: which token sits in each slot, whether the slot is
-filled, and the weight its output gets back on that token. Dispatch is then a
-gather and combine a segment sum, both linear in the group size. Soft MoE
-routings are dense by nature and keep the two `(G, S, E, C)` tensors.
+Two kinds of routing, two classes with the same interface (`Routing`):
+
+- `SparseRouting`: each slot holds at most one whole token, so three
+  `(G, E, C)` tensors describe it: which token sits in each slot, whether the
+  slot is filled, and the weight its output gets back on that token.
+  Dispatch is a gather and combine a segment sum, both linear in the group
+  size; the `(G, S, E, C)` tensors are never built in the forward pass.
+- `SoftRouting`: every slot is a weighted average of all tokens (Soft MoE),
+  so the routing is the two dense `(G, S, E, C)` tensors themselves.
 """
 
 from keras import ops
@@ -26,23 +30,13 @@ from keras_vmoe import backend
 class Routing:
     """The routing of `G` groups of `S` tokens to `E` experts of `C` slots.
 
-    Build one with `Routing.sparse(...)` or `Routing.soft(...)`; the
-    allocation functions (`token_choice`, `expert_choice`) and the router
-    layers do this for you.
+    The interface shared by `SparseRouting` and `SoftRouting`; router layers
+    return one of the two (a router declares which in `routing_class`).
 
     Attributes:
         num_tokens: int. Tokens per group, `S`.
         num_experts: int. `E`.
         capacity: int. Slots per expert, `C`.
-        is_sparse: bool. Whether each slot holds at most one whole token.
-        slot_token: int32 tensor `(G, E, C)`, sparse only. Token index in
-            each slot (0 for an empty slot, which `slot_mask` marks).
-        slot_mask: float32 tensor `(G, E, C)`, sparse only. 1 where the slot
-            holds a token.
-        slot_weight: float32 tensor `(G, E, C)`, sparse only. Combine weight
-            of the slot's output on its token (0 for empty slots).
-        dispatch_weights, combine_weights: float32 tensors `(G, S, E, C)`,
-            soft only.
         auxiliary_loss: float32 tensor `(G,)` or None. The router's weighted
             auxiliary loss, per group.
         auxiliary_losses: dict of name to float32 `(G,)` tensor. The
@@ -50,59 +44,13 @@ class Routing:
     """
 
     def __init__(
-        self,
-        num_tokens,
-        num_experts,
-        capacity,
-        slot_token=None,
-        slot_mask=None,
-        slot_weight=None,
-        dispatch_weights=None,
-        combine_weights=None,
-        auxiliary_loss=None,
-        auxiliary_losses=None,
+        self, num_tokens, num_experts, capacity, auxiliary_loss, auxiliary_losses
     ):
         self.num_tokens = int(num_tokens)
         self.num_experts = int(num_experts)
         self.capacity = int(capacity)
-        self.slot_token = slot_token
-        self.slot_mask = slot_mask
-        self.slot_weight = slot_weight
-        self.dispatch_weights = dispatch_weights
-        self.combine_weights = combine_weights
         self.auxiliary_loss = auxiliary_loss
         self.auxiliary_losses = dict(auxiliary_losses or {})
-
-    @classmethod
-    def sparse(cls, slot_token, slot_mask, slot_weight, num_tokens, **kwargs):
-        """A routing with at most one token per slot (index form)."""
-        _, num_experts, capacity = ops.shape(slot_token)
-        return cls(
-            num_tokens,
-            num_experts,
-            capacity,
-            slot_token=ops.cast(slot_token, "int32"),
-            slot_mask=slot_mask,
-            slot_weight=slot_weight,
-            **kwargs,
-        )
-
-    @classmethod
-    def soft(cls, dispatch_weights, combine_weights, **kwargs):
-        """A routing given by dense dispatch and combine tensors `(G,S,E,C)`."""
-        _, num_tokens, num_experts, capacity = ops.shape(dispatch_weights)
-        return cls(
-            num_tokens,
-            num_experts,
-            capacity,
-            dispatch_weights=dispatch_weights,
-            combine_weights=combine_weights,
-            **kwargs,
-        )
-
-    @property
-    def is_sparse(self):
-        return self.slot_token is not None
 
     def with_auxiliary_loss(self, auxiliary_loss, auxiliary_losses=None):
         """Returns this routing with the given auxiliary loss attached."""
@@ -110,9 +58,6 @@ class Routing:
         self.auxiliary_losses = dict(auxiliary_losses or {})
         return self
 
-    # ------------------------------------------------------------------
-    # Execution: the fast path used by the MoE layer.
-    # ------------------------------------------------------------------
     def dispatch(self, x):
         """Expert inputs for every slot, expert-major.
 
@@ -122,23 +67,8 @@ class Routing:
         Returns:
             tensor `(E, G, C, d)` in the dtype of `x`: all of one expert's
             slots are contiguous, so the experts run as one batched matmul.
-            Each group gathers from its own tokens only, so with groups
-            sharded across devices the gather stays local and the transpose
-            to expert-major becomes one all-to-all when `E` is sharded.
         """
-        x = ops.convert_to_tensor(x)
-        if not self.is_sparse:
-            d = ops.cast(self.dispatch_weights, x.dtype)
-            return ops.einsum("gsec,gsd->egcd", d, x)
-        num_groups, _, d_model = ops.shape(x)
-        e, c = self.num_experts, self.capacity
-        slots = ops.reshape(self.slot_token, (num_groups, e * c))  # (G, E*C)
-        gathered = backend.grouped_take(x, slots)  # (G, E*C, d)
-        gathered = gathered * ops.reshape(
-            ops.cast(self.slot_mask, x.dtype), (num_groups, e * c, 1)
-        )
-        gathered = ops.reshape(gathered, (num_groups, e, c, d_model))
-        return ops.transpose(gathered, (1, 0, 2, 3))  # (E, G, C, d)
+        raise NotImplementedError
 
     def combine(self, expert_outputs):
         """Token outputs from the experts' slot outputs.
@@ -149,39 +79,15 @@ class Routing:
         Returns:
             tensor `(G, S, d)` in the dtype of `expert_outputs`.
         """
-        y = ops.convert_to_tensor(expert_outputs)
-        if not self.is_sparse:
-            w = ops.cast(self.combine_weights, y.dtype)
-            return ops.einsum("egcd,gsec->gsd", y, w)
-        e, num_groups, c, d_model = ops.shape(y)
-        y = ops.transpose(y, (1, 0, 2, 3))  # (G, E, C, d)
-        weighted = y * ops.cast(self.slot_weight, y.dtype)[..., None]
-        return backend.grouped_segment_sum(
-            ops.reshape(weighted, (num_groups, e * c, d_model)),  # (G, E*C, d)
-            ops.reshape(self.slot_token, (num_groups, e * c)),  # (G, E*C)
-            num_segments=self.num_tokens,
-        )  # (G, S, d)
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------
-    # The definition: dense tensors and the einsum reference path.
-    # ------------------------------------------------------------------
     def dispatch_tensor(self):
         """Dense dispatch tensor `D`, float32 `(G, S, E, C)`."""
-        if not self.is_sparse:
-            return self.dispatch_weights
-        return self._slots_to_dense(self.slot_mask)
+        raise NotImplementedError
 
     def combine_tensor(self):
         """Dense combine tensor `W`, float32 `(G, S, E, C)`."""
-        if not self.is_sparse:
-            return self.combine_weights
-        return self._slots_to_dense(self.slot_weight)
-
-    def _slots_to_dense(self, slot_values):
-        # one_hot(slot_token): (G, E, C, S), one row per slot.
-        one_hot = ops.one_hot(self.slot_token, self.num_tokens, dtype="float32")
-        dense = one_hot * ops.cast(slot_values, "float32")[..., None]
-        return ops.transpose(dense, (0, 3, 1, 2))  # (G, S, E, C)
+        raise NotImplementedError
 
     def einsum_dispatch(self, x):
         """Reference dispatch through the dense tensor (quadratic memory)."""
@@ -195,9 +101,6 @@ class Routing:
         w = ops.cast(self.combine_tensor(), y.dtype)
         return ops.einsum("egcd,gsec->gsd", y, w)  # (G, S, d)
 
-    # ------------------------------------------------------------------
-    # Statistics.
-    # ------------------------------------------------------------------
     def statistics(self):
         """Routing statistics, averaged over groups (float32 scalars).
 
@@ -211,23 +114,7 @@ class Routing:
               mean load (1 is perfectly balanced).
             - `auxiliary_loss`: mean over groups (0 if the router has none).
         """
-        e = self.num_experts
-        if self.is_sparse:
-            mask = ops.cast(self.slot_mask, "float32")  # (G, E, C)
-            num_groups = ops.shape(mask)[0]
-            per_token = backend.grouped_segment_sum(
-                ops.reshape(mask, (num_groups, -1)),  # (G, E*C)
-                ops.reshape(self.slot_token, (num_groups, -1)),
-                num_segments=self.num_tokens,
-            )  # (G, S) experts reached by each token
-            dropped = ops.mean(ops.cast(per_token == 0, "float32"))
-            experts_per_token = ops.mean(per_token)
-            filled = ops.sum(mask, axis=2)  # (G, E)
-        else:
-            dispatch = ops.cast(self.dispatch_weights, "float32")
-            dropped = ops.zeros((), "float32")
-            experts_per_token = ops.cast(e, "float32") * ops.ones((), "float32")
-            filled = ops.sum(dispatch, axis=(1, 3))  # (G, E)
+        dropped, experts_per_token, filled = self._occupancy()  # filled: (G, E)
         total = ops.maximum(ops.sum(filled, axis=1, keepdims=True), 1e-9)
         load = ops.mean(filled / total, axis=0)  # (E,)
         if self.auxiliary_loss is None:
@@ -238,6 +125,155 @@ class Routing:
             "fraction_tokens_dropped": dropped,
             "experts_per_token": experts_per_token,
             "expert_load": load,
-            "load_imbalance": ops.max(load) * e,
+            "load_imbalance": ops.max(load) * self.num_experts,
             "auxiliary_loss": aux,
         }
+
+    def _occupancy(self):
+        """`(fraction dropped, experts per token, filled slots (G, E))`."""
+        raise NotImplementedError
+
+
+class SparseRouting(Routing):
+    """A routing with at most one whole token per slot (index form).
+
+    The allocation functions (`token_choice`, `expert_choice`) build these.
+
+    Args:
+        slot_token: int tensor `(G, E, C)`. Token index in each slot (0 for an
+            empty slot, which `slot_mask` marks).
+        slot_mask: float32 tensor `(G, E, C)`. 1 where the slot holds a token.
+        slot_weight: float32 tensor `(G, E, C)`. Combine weight of the slot's
+            output on its token (0 for empty slots).
+        num_tokens: int. Tokens per group, `S`.
+        auxiliary_loss: float32 tensor `(G,)` or None. Defaults to `None`.
+        auxiliary_losses: dict of name to `(G,)` tensor. Defaults to `None`.
+
+    Example:
+    >>> import numpy as np
+    >>> routing = SparseRouting(np.array([[[1], [0]]]),  # expert 0 <- token 1
+    ...     np.ones((1, 2, 1), "float32"), np.ones((1, 2, 1), "float32"),
+    ...     num_tokens=2)
+    >>> routing.num_experts, routing.capacity
+    (2, 1)
+    """
+
+    def __init__(
+        self,
+        slot_token,
+        slot_mask,
+        slot_weight,
+        num_tokens,
+        auxiliary_loss=None,
+        auxiliary_losses=None,
+    ):
+        _, num_experts, capacity = ops.shape(slot_token)
+        super().__init__(
+            num_tokens, num_experts, capacity, auxiliary_loss, auxiliary_losses
+        )
+        self.slot_token = ops.cast(slot_token, "int32")
+        self.slot_mask = slot_mask
+        self.slot_weight = slot_weight
+
+    def dispatch(self, x):
+        # Each group gathers from its own tokens only, so with groups sharded
+        # across devices the gather stays local and the transpose to
+        # expert-major becomes one all-to-all when `E` is sharded.
+        x = ops.convert_to_tensor(x)
+        num_groups, _, d_model = ops.shape(x)
+        e, c = self.num_experts, self.capacity
+        slots = ops.reshape(self.slot_token, (num_groups, e * c))  # (G, E*C)
+        gathered = backend.grouped_take(x, slots)  # (G, E*C, d)
+        gathered = gathered * ops.reshape(
+            ops.cast(self.slot_mask, x.dtype), (num_groups, e * c, 1)
+        )
+        gathered = ops.reshape(gathered, (num_groups, e, c, d_model))
+        return ops.transpose(gathered, (1, 0, 2, 3))  # (E, G, C, d)
+
+    def combine(self, expert_outputs):
+        y = ops.convert_to_tensor(expert_outputs)
+        e, num_groups, c, d_model = ops.shape(y)
+        y = ops.transpose(y, (1, 0, 2, 3))  # (G, E, C, d)
+        weighted = y * ops.cast(self.slot_weight, y.dtype)[..., None]
+        return backend.grouped_segment_sum(
+            ops.reshape(weighted, (num_groups, e * c, d_model)),  # (G, E*C, d)
+            ops.reshape(self.slot_token, (num_groups, e * c)),  # (G, E*C)
+            num_segments=self.num_tokens,
+        )  # (G, S, d)
+
+    def dispatch_tensor(self):
+        return self._slots_to_dense(self.slot_mask)
+
+    def combine_tensor(self):
+        return self._slots_to_dense(self.slot_weight)
+
+    def _slots_to_dense(self, slot_values):
+        # one_hot(slot_token): (G, E, C, S), one row per slot.
+        one_hot = ops.one_hot(self.slot_token, self.num_tokens, dtype="float32")
+        dense = one_hot * ops.cast(slot_values, "float32")[..., None]
+        return ops.transpose(dense, (0, 3, 1, 2))  # (G, S, E, C)
+
+    def _occupancy(self):
+        mask = ops.cast(self.slot_mask, "float32")  # (G, E, C)
+        num_groups = ops.shape(mask)[0]
+        per_token = backend.grouped_segment_sum(
+            ops.reshape(mask, (num_groups, -1)),  # (G, E*C)
+            ops.reshape(self.slot_token, (num_groups, -1)),
+            num_segments=self.num_tokens,
+        )  # (G, S) experts reached by each token
+        dropped = ops.mean(ops.cast(per_token == 0, "float32"))
+        return dropped, ops.mean(per_token), ops.sum(mask, axis=2)  # (G, E)
+
+
+class SoftRouting(Routing):
+    """A routing given by dense dispatch and combine tensors (Soft MoE).
+
+    Every slot's input is a weighted average of the group's tokens, so no
+    token is dropped and every token reaches every expert.
+
+    Args:
+        dispatch_weights: float32 tensor `(G, S, E, C)`. Per slot, weights
+            over the tokens (a softmax over `S` in Soft MoE).
+        combine_weights: float32 tensor `(G, S, E, C)`. Per token, weights
+            over the slots (a softmax over `E * C` in Soft MoE).
+        auxiliary_loss: float32 tensor `(G,)` or None. Defaults to `None`.
+        auxiliary_losses: dict of name to `(G,)` tensor. Defaults to `None`.
+
+    Example:
+    >>> import numpy as np
+    >>> weights = np.full((1, 4, 2, 1), 0.25, "float32")  # 4 tokens, 2 experts
+    >>> SoftRouting(weights, weights).capacity
+    1
+    """
+
+    def __init__(
+        self,
+        dispatch_weights,
+        combine_weights,
+        auxiliary_loss=None,
+        auxiliary_losses=None,
+    ):
+        _, num_tokens, num_experts, capacity = ops.shape(dispatch_weights)
+        super().__init__(
+            num_tokens, num_experts, capacity, auxiliary_loss, auxiliary_losses
+        )
+        self.dispatch_weights = dispatch_weights
+        self.combine_weights = combine_weights
+
+    # A soft routing is its dense tensors: the fast path is the einsum.
+    def dispatch(self, x):
+        return self.einsum_dispatch(x)
+
+    def combine(self, expert_outputs):
+        return self.einsum_combine(expert_outputs)
+
+    def dispatch_tensor(self):
+        return self.dispatch_weights
+
+    def combine_tensor(self):
+        return self.combine_weights
+
+    def _occupancy(self):
+        dispatch = ops.cast(self.dispatch_weights, "float32")
+        experts = ops.cast(self.num_experts, "float32") * ops.ones((), "float32")
+        return ops.zeros((), "float32"), experts, ops.sum(dispatch, axis=(1, 3))

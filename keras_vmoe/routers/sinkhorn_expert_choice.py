@@ -1,19 +1,19 @@
 """Sinkhorn Expert Choice router (Liu et al. 2024, arXiv 2401.15969, router 4)."""
 
-import keras
 from keras import ops
 
 from keras_vmoe.ot import sinkhorn_plan
 from keras_vmoe.routers.allocation import expert_choice
-from keras_vmoe.routers.base import (
+from keras_vmoe.routers.base import PresetRecipe
+from keras_vmoe.routers.registry import register_router
+from keras_vmoe.routers.sparse_router import (
     EXPERT_CHOICE_CAPACITY_FACTOR,
     DenseGatingRouter,
-    check_positive_float,
-    check_positive_int,
 )
+from keras_vmoe.utils.checks import check_positive_float, check_positive_int
 
 
-@keras.saving.register_keras_serializable(package="keras_vmoe")
+@register_router("sinkhorn_expert_choice")
 class SinkhornExpertChoiceRouter(DenseGatingRouter):
     """Each expert takes its top-C tokens on a balanced (Sinkhorn) plan.
 
@@ -47,6 +47,17 @@ class SinkhornExpertChoiceRouter(DenseGatingRouter):
     4
     """
 
+    label = "Sinkhorn Expert Choice"
+
+    @classmethod
+    def preset_recipe(cls):
+        return PresetRecipe(
+            short_name="sinkhorn_ec",
+            router_config={"capacity_factor": 2.0},
+            images_per_group=8,
+            description="Sinkhorn Expert Choice (capacity factor 2)",
+        )
+
     def __init__(
         self,
         num_experts,
@@ -62,7 +73,7 @@ class SinkhornExpertChoiceRouter(DenseGatingRouter):
     def call(self, x, training=False):
         _, noisy = self.gating_logits(x, training)  # (G, S, E)
         plan = sinkhorn_plan(noisy, self.num_iters, self.epsilon)  # (G, S, E)
-        capacity = self.group_capacity(ops.shape(x)[1], training)
+        capacity = self.slots_per_expert(ops.shape(x)[1], training)
         return expert_choice(
             plan, capacity, combine_weights=ops.softmax(noisy, axis=-1)
         )

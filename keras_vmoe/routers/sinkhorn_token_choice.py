@@ -1,19 +1,19 @@
 """Sinkhorn Token Choice router (Liu et al. 2024, arXiv 2401.15969, router 2)."""
 
-import keras
 from keras import ops
 
 from keras_vmoe.ot import sinkhorn_plan
 from keras_vmoe.routers.allocation import token_choice
-from keras_vmoe.routers.base import (
+from keras_vmoe.routers.base import PresetRecipe
+from keras_vmoe.routers.registry import register_router
+from keras_vmoe.routers.sparse_router import (
     TOKEN_CHOICE_CAPACITY_FACTOR,
     TokenChoiceRouter,
-    check_positive_float,
-    check_positive_int,
 )
+from keras_vmoe.utils.checks import check_positive_float, check_positive_int
 
 
-@keras.saving.register_keras_serializable(package="keras_vmoe")
+@register_router("sinkhorn_token_choice")
 class SinkhornTokenChoiceRouter(TokenChoiceRouter):
     """Each token picks its top-K experts on a balanced (Sinkhorn) plan.
 
@@ -57,6 +57,17 @@ class SinkhornTokenChoiceRouter(TokenChoiceRouter):
     32.0
     """
 
+    label = "Sinkhorn Token Choice"
+
+    @classmethod
+    def preset_recipe(cls):
+        return PresetRecipe(
+            short_name="sinkhorn_tc",
+            router_config={"num_selected_experts": 2, "capacity_factor": 1.05},
+            images_per_group=8,
+            description="Sinkhorn Token Choice (K=2, capacity factor 1.05)",
+        )
+
     def __init__(
         self,
         num_experts,
@@ -81,7 +92,7 @@ class SinkhornTokenChoiceRouter(TokenChoiceRouter):
         clean, noisy = self.gating_logits(x, training)  # (G, S, E) each
         plan = sinkhorn_plan(noisy, self.num_iters, self.epsilon)  # (G, S, E)
         k = self.num_selected_experts
-        capacity = self.group_capacity(ops.shape(x)[1], training, k)
+        capacity = self.slots_per_expert(ops.shape(x)[1], training)
         routing = token_choice(
             plan,
             k,

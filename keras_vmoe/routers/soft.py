@@ -3,8 +3,10 @@
 import keras
 from keras import ops
 
-from keras_vmoe.routers.base import check_positive_float, check_positive_int
-from keras_vmoe.routers.routing import Routing
+from keras_vmoe.routers.base import PresetRecipe, Router
+from keras_vmoe.routers.registry import register_router
+from keras_vmoe.routers.routing import SoftRouting
+from keras_vmoe.utils.checks import check_positive_float, check_positive_int
 
 
 def l2_normalize(v, axis):
@@ -12,8 +14,8 @@ def l2_normalize(v, axis):
     return v * ops.rsqrt(ops.sum(ops.square(v), axis=axis, keepdims=True) + 1e-6)
 
 
-@keras.saving.register_keras_serializable(package="keras_vmoe")
-class SoftRouter(keras.layers.Layer):
+@register_router("soft")
+class SoftRouter(Router):
     """Soft MoE: every slot takes a softmax-weighted average of all tokens.
 
     Each expert has `P` slots, each with a learned embedding `phi[:, e, p]`.
@@ -40,10 +42,12 @@ class SoftRouter(keras.layers.Layer):
     (2, 8, 4, 2)
     """
 
+    label = "Soft MoE"
+    routing_class = SoftRouting
+    weight_names = ("slot_embeddings", "scale")
+
     def __init__(self, num_experts, num_slots=None, capacity_factor=None, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.num_experts = check_positive_int("num_experts", num_experts)
+        super().__init__(num_experts, **kwargs)
         if num_slots is not None and capacity_factor is not None:
             raise ValueError(
                 "Give at most one of `num_slots` and `capacity_factor`, got "
@@ -58,18 +62,45 @@ class SoftRouter(keras.layers.Layer):
         self.num_slots = num_slots
         self.capacity_factor = capacity_factor
 
-    def slots_for(self, group_size):
-        """Slots per expert `P` for groups of `group_size` tokens."""
+    def slots_per_expert(self, group_tokens, training=True):
+        """Slots per expert `P` for groups of `group_tokens` tokens.
+
+        The same in training and evaluation.
+        """
         if self.num_slots is not None:
             return self.num_slots
-        slots = round(group_size * self.capacity_factor / self.num_experts)
+        slots = round(group_tokens * self.capacity_factor / self.num_experts)
         if slots < 1:
             raise ValueError(
                 f"`capacity_factor`={self.capacity_factor} gives "
-                f"round({group_size} * {self.capacity_factor} / {self.num_experts})"
+                f"round({group_tokens} * {self.capacity_factor} / {self.num_experts})"
                 f" = {slots} slots per expert; it must be at least 1."
             )
         return slots
+
+    def routing_macs(self, group_tokens, dim):
+        """Logits, dispatch and combine einsums: `3 * S * d * E * P`."""
+        return 3 * group_tokens * dim * self.expert_slots(group_tokens)
+
+    def weight_count(self, dim, group_tokens):
+        """Slot embeddings `d * E * P` plus the scalar scale."""
+        return dim * self.expert_slots(group_tokens) + 1
+
+    @classmethod
+    def equal_compute_config(cls, budget):
+        """`budget.slots_per_expert` slots per expert."""
+        return {"num_slots": budget.slots_per_expert}
+
+    @classmethod
+    def preset_recipe(cls):
+        return PresetRecipe(
+            short_name="soft",
+            router_config={"capacity_factor": 2.0},
+            images_per_group=1,
+            description=(
+                "Soft MoE router (round(2T/E) slots per expert, 1 image per group)"
+            ),
+        )
 
     def build(self, input_shape):
         if len(input_shape) != 3:
@@ -80,7 +111,7 @@ class SoftRouter(keras.layers.Layer):
         dim = input_shape[-1]
         self.slot_embeddings = self.add_weight(
             name="slot_embeddings",
-            shape=(dim, self.num_experts, self.slots_for(input_shape[1])),
+            shape=(dim, self.num_experts, self.slots_per_expert(input_shape[1])),
             initializer=keras.initializers.RandomNormal(stddev=dim**-0.5),
         )
         self.scale = self.add_weight(name="scale", shape=(), initializer="ones")
@@ -95,13 +126,12 @@ class SoftRouter(keras.layers.Layer):
         dispatch = ops.softmax(logits, axis=1)  # over tokens, per slot
         combine = ops.softmax(ops.reshape(logits, (num_groups, s, e * p)), axis=-1)
         combine = ops.reshape(combine, (num_groups, s, e, p))  # over slots, per token
-        return Routing.soft(dispatch, combine)
+        return SoftRouting(dispatch, combine)
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "num_experts": self.num_experts,
                 "num_slots": self.num_slots,
                 "capacity_factor": self.capacity_factor,
             }

@@ -1,13 +1,17 @@
 """Softmax Expert Choice router (Zhou et al. 2022, arXiv 2202.09368)."""
 
-import keras
 from keras import ops
 
 from keras_vmoe.routers.allocation import expert_choice
-from keras_vmoe.routers.base import EXPERT_CHOICE_CAPACITY_FACTOR, DenseGatingRouter
+from keras_vmoe.routers.base import PresetRecipe
+from keras_vmoe.routers.registry import register_router
+from keras_vmoe.routers.sparse_router import (
+    EXPERT_CHOICE_CAPACITY_FACTOR,
+    DenseGatingRouter,
+)
 
 
-@keras.saving.register_keras_serializable(package="keras_vmoe")
+@register_router("softmax_expert_choice")
 class SoftmaxExpertChoiceRouter(DenseGatingRouter):
     """Each expert takes the top-C tokens by softmax gate.
 
@@ -36,6 +40,17 @@ class SoftmaxExpertChoiceRouter(DenseGatingRouter):
     4
     """
 
+    label = "Softmax Expert Choice"
+
+    @classmethod
+    def preset_recipe(cls):
+        return PresetRecipe(
+            short_name="softmax_ec",
+            router_config={"capacity_factor": 2.0},
+            images_per_group=8,
+            description="Softmax Expert Choice (capacity factor 2)",
+        )
+
     def __init__(
         self, num_experts, capacity_factor=EXPERT_CHOICE_CAPACITY_FACTOR, **kwargs
     ):
@@ -44,5 +59,5 @@ class SoftmaxExpertChoiceRouter(DenseGatingRouter):
     def call(self, x, training=False):
         _, noisy = self.gating_logits(x, training)
         gates = ops.softmax(noisy, axis=-1)  # (G, S, E)
-        capacity = self.group_capacity(ops.shape(x)[1], training)
+        capacity = self.slots_per_expert(ops.shape(x)[1], training)
         return expert_choice(gates, capacity)

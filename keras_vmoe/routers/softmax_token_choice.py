@@ -1,13 +1,17 @@
 """Softmax Token Choice router (V-MoE; Riquelme et al. 2021, arXiv 2106.05974)."""
 
-import keras
 from keras import ops
 
 from keras_vmoe.routers.allocation import token_choice
-from keras_vmoe.routers.base import TOKEN_CHOICE_CAPACITY_FACTOR, TokenChoiceRouter
+from keras_vmoe.routers.base import PresetRecipe
+from keras_vmoe.routers.registry import register_router
+from keras_vmoe.routers.sparse_router import (
+    TOKEN_CHOICE_CAPACITY_FACTOR,
+    TokenChoiceRouter,
+)
 
 
-@keras.saving.register_keras_serializable(package="keras_vmoe")
+@register_router("softmax_token_choice")
 class SoftmaxTokenChoiceRouter(TokenChoiceRouter):
     """Each token picks its top-K experts by softmax gate.
 
@@ -42,6 +46,17 @@ class SoftmaxTokenChoiceRouter(TokenChoiceRouter):
     (2, 8, 4, 8)
     """
 
+    label = "Softmax Token Choice"
+
+    @classmethod
+    def preset_recipe(cls):
+        return PresetRecipe(
+            short_name="softmax_tc",
+            router_config={"num_selected_experts": 2, "capacity_factor": 1.05},
+            images_per_group=8,
+            description="Softmax Token Choice (K=2, capacity factor 1.05)",
+        )
+
     def __init__(
         self,
         num_experts,
@@ -70,6 +85,6 @@ class SoftmaxTokenChoiceRouter(TokenChoiceRouter):
         clean, noisy = self.gating_logits(x, training)
         gates = ops.softmax(noisy, axis=-1)  # (G, S, E)
         k = self.num_selected_experts
-        capacity = self.group_capacity(ops.shape(x)[1], training, k)
+        capacity = self.slots_per_expert(ops.shape(x)[1], training)
         routing = token_choice(gates, k, capacity, self.batch_priority)
         return routing.with_auxiliary_loss(*self.auxiliary_loss(clean, noisy, training))

@@ -4,21 +4,21 @@ Liu, Puigcerver, Blondel, "Sparsity-Constrained Optimal Transport", ICLR 2023
 (https://arxiv.org/abs/2209.15466).
 """
 
-import keras
 from keras import ops
 
 from keras_vmoe.ot import sparse_ot_plan, sparse_ot_plan_with_top_k
 from keras_vmoe.routers.allocation import expert_choice
-from keras_vmoe.routers.base import (
+from keras_vmoe.routers.base import PresetRecipe
+from keras_vmoe.routers.registry import register_router
+from keras_vmoe.routers.routing import SparseRouting
+from keras_vmoe.routers.sparse_router import (
     EXPERT_CHOICE_CAPACITY_FACTOR,
     DenseGatingRouter,
-    check_positive_float,
-    check_positive_int,
 )
-from keras_vmoe.routers.routing import Routing
+from keras_vmoe.utils.checks import check_positive_float, check_positive_int
 
 
-@keras.saving.register_keras_serializable(package="keras_vmoe")
+@register_router("sparsity_constrained_expert_choice")
 class SparsityConstrainedExpertChoiceRouter(DenseGatingRouter):
     """Each expert takes its top-C tokens on a C-sparse transport plan.
 
@@ -58,6 +58,17 @@ class SparsityConstrainedExpertChoiceRouter(DenseGatingRouter):
     4
     """
 
+    label = "Sparsity-constrained Expert Choice"
+
+    @classmethod
+    def preset_recipe(cls):
+        return PresetRecipe(
+            short_name="sparsity_ec",
+            router_config={"capacity_factor": 2.0},
+            images_per_group=8,
+            description="Sparsity-constrained Expert Choice (capacity factor 2)",
+        )
+
     def __init__(
         self,
         num_experts,
@@ -77,7 +88,7 @@ class SparsityConstrainedExpertChoiceRouter(DenseGatingRouter):
         _, logits = self.gating_logits(x, training)  # (G, S, E), noisy if enabled
         similarity = ops.softmax(logits, axis=-1)  # (G, S, E)
         num_tokens = similarity.shape[1]
-        capacity = self.group_capacity(num_tokens, training)
+        capacity = self.slots_per_expert(num_tokens, training)
         if capacity > num_tokens:
             plan = sparse_ot_plan(
                 similarity, capacity, self.num_steps, self.learning_rate
@@ -136,7 +147,7 @@ def _expert_choice_on_ranked_plan(plan, top_tokens, combine_weights):
     slot_token, slot_mask, slot_weight = ops.cond(
         ops.logical_and(positive, decreasing), from_top_tokens, from_expert_choice
     )  # (G, E, C) each
-    return Routing.sparse(
+    return SparseRouting(
         slot_token=slot_token,
         slot_mask=slot_mask,
         slot_weight=slot_weight,

@@ -297,13 +297,13 @@ def sparse_ot_plan_for(x, kernel, capacity):
 def marked_fallback(monkeypatch):
     """Makes the router's fallback `expert_choice` return weights minus 10."""
     from keras_vmoe.routers import sparsity_constrained_expert_choice as module
-    from keras_vmoe.routers.routing import Routing
+    from keras_vmoe.routers.routing import SparseRouting
 
     unmarked = module.expert_choice
 
     def marked(plan, capacity, combine_weights=None):
         routing = unmarked(plan, capacity, combine_weights=combine_weights)
-        return Routing.sparse(
+        return SparseRouting(
             routing.slot_token,
             routing.slot_mask,
             routing.slot_weight - 10.0,
