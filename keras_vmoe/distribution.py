@@ -10,7 +10,7 @@ from keras_vmoe.models.vision_moe.layout_map import (  # noqa: F401
     EXPERT_WEIGHTS,
     LayoutProblem,
     check_layouts,
-    layout_problems,
     get_layout_map,
+    layout_problems,
     validate_layouts,
 )

@@ -1,30 +1,36 @@
 """Models: `VisionMoEBackbone`, `VisionMoEImageClassifier` and presets.
 
+One folder per model family (`vision_moe/`); `preset_loader` loads any
+family's presets (the classes come from the preset's files).
+
 Example:
 >>> from keras_vmoe import models
 >>> "vmoe_softmax_tc_b16_e32_224" in models.list_presets()
 True
 """
 
-from keras_vmoe.models.vision_moe.config import parse_moe_layers
+from keras_vmoe.models.preset_loader import (
+    PresetFileError,
+    UnsafePresetError,
+    from_preset,
+    presets_dir,
+)
+from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.models.vision_moe.config import VisionMoELayout, parse_moe_layers
 from keras_vmoe.models.vision_moe.cost import (
     backbone_flops,
     count_backbone_params,
     count_head_params,
 )
-from keras_vmoe.models.preset_loader import PresetFileError, UnsafePresetError
-from keras_vmoe.models.vision_moe.presets import (
-    from_preset,
-    generate_presets,
-    list_presets,
-    presets_dir,
-    register_with_keras_hub,
-)
-from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
 from keras_vmoe.models.vision_moe.image_classifier import (
     ClassificationCrossEntropy,
     Top1Accuracy,
     VisionMoEImageClassifier,
+)
+from keras_vmoe.models.vision_moe.presets import (
+    generate_presets,
+    list_presets,
+    register_with_keras_hub,
 )
 
 register_with_keras_hub()
@@ -36,6 +42,7 @@ __all__ = [
     "UnsafePresetError",
     "VisionMoEBackbone",
     "VisionMoEImageClassifier",
+    "VisionMoELayout",
     "backbone_flops",
     "count_backbone_params",
     "count_head_params",

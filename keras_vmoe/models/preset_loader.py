@@ -8,20 +8,30 @@ missing or unreadable file by name, and lets callers override any
 constructor argument. Weights are required unless `metadata.json` says
 `"weights": null` (the built-in architecture presets) or the caller passes
 `load_weights=False`.
+
+The loader knows no model family: the backbone and task classes come from
+the `registered_name` of `config.json` and `task.json` (e.g.
+`"keras_vmoe>VisionMoEBackbone"`), looked up in Keras' serialization
+registry; only classes that keras_vmoe or keras-hub registered, and that
+are keras-hub backbones and tasks, are accepted. The overrides a preset
+takes are the resolved classes' constructor arguments; a backbone class may
+define `apply_preset_overrides(config, overrides)` to adjust a config when
+some change (the V-MoE backbone resets `router_config` with a new router).
 """
 
 import difflib
+import inspect
 import json
 import os
 import pathlib
 
 import keras
-
-from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
-from keras_vmoe.models.vision_moe.image_classifier import VisionMoEImageClassifier
+from keras_hub.models import Backbone, ImageClassifier
 
 PRESETS_ENV_VAR = "KERAS_VMOE_PRESETS_DIR"
-_DEFAULT_IMAGE_SHAPE = (224, 224, 3)
+# Packages whose registered classes a preset may name (keras-hub registers
+# its classes under "keras_hub" and, for older files, "keras_nlp").
+TRUSTED_PACKAGES = ("keras_vmoe", "keras_hub", "keras_nlp")
 # Serialized objects that carry Python code: a Keras `Lambda` layer and a
 # Python `lambda` (marshalled bytecode), which Keras' safe mode refuses.
 _CODE_CLASS_NAMES = {"Lambda": "a `Lambda` layer", "__lambda__": "a Python `lambda`"}
@@ -166,82 +176,145 @@ def resolve_preset(name_or_dir):
     )
 
 
-def _serialized(obj_config, cls):
+def _registered_class(obj_config, base):
+    """The class a serialized object names, if registered and a `base`.
+
+    Only the `registered_name` is used (`"package>ClassName"`, looked up in
+    Keras' registry of serializable classes); the `module` entry is never
+    imported.
+    """
     if not isinstance(obj_config, dict) or "config" not in obj_config:
-        raise ValueError(f"expected a serialized {cls.__name__} with a 'config' entry")
-    registered = obj_config.get("registered_name") or obj_config.get("class_name")
+        raise ValueError(f"expected a serialized {base.__name__} with a 'config' entry")
+    registered = obj_config.get("registered_name")
+    if not isinstance(registered, str) or ">" not in registered:
+        raise ValueError(
+            f"it holds {obj_config.get('class_name')!r} without a registered "
+            f"name, not a registered {base.__name__}"
+        )
+    package = registered.partition(">")[0]
     found = keras.saving.get_registered_object(registered)
-    if found is None or not issubclass(found, cls):
-        raise ValueError(f"it holds {registered!r}, not a {cls.__name__}")
+    if (
+        package not in TRUSTED_PACKAGES
+        or not inspect.isclass(found)
+        or not issubclass(found, base)
+    ):
+        raise ValueError(
+            f"it holds {registered!r}, not a {base.__name__} registered by "
+            f"{' or '.join(TRUSTED_PACKAGES[:2])}"
+        )
     return found, dict(obj_config["config"])
 
 
-def _load_configs(folder):
-    """(backbone class and config, classifier class and config, metadata)."""
-    raw = read_json(folder, "config.json")
-    _refuse_code(raw, folder, "config.json")
+def _read_serialized(folder, filename, base, required=True):
+    """`(class, config)` of `filename`, or None when absent and optional."""
+    doc = read_json(folder, filename, required=required)
+    if doc is None:
+        return None
+    _refuse_code(doc, folder, filename)
     try:
-        backbone_cls, backbone_config = _serialized(raw, VisionMoEBackbone)
+        return _registered_class(doc, base)
     except ValueError as e:
+        raise ValueError(f"Preset file {pathlib.Path(folder) / filename}: {e}.") from e
+
+
+def _task_class_for(backbone_cls, base, folder):
+    """The registered `base` subclass whose `backbone_cls` is `backbone_cls`."""
+    if getattr(base, "backbone_cls", None) is backbone_cls:
+        return base
+    found = {
+        obj
+        for obj in keras.saving.get_custom_objects().values()
+        if inspect.isclass(obj)
+        and issubclass(obj, base)
+        and getattr(obj, "backbone_cls", None) is backbone_cls
+    }
+    if len(found) != 1:
+        names = ", ".join(sorted(c.__name__ for c in found))
+        which = f"several do ({names})" if found else "none does"
         raise ValueError(
-            f"Preset file {pathlib.Path(folder) / 'config.json'}: {e}."
-        ) from e
+            f"Preset folder '{folder}' has no `task.json`, and no single "
+            f"registered {base.__name__} takes a {backbone_cls.__name__}: "
+            f"{which}. Load it with the task class's `from_preset`."
+        )
+    return found.pop()
+
+
+def _load_configs(folder, backbone_base=Backbone, task_base=None):
+    """(backbone class and config, task class and config, metadata).
+
+    The task is read only when `task_base` is given; without `task.json`,
+    the registered `task_base` subclass made for the backbone class is used.
+    """
+    backbone_cls, backbone_config = _read_serialized(
+        folder, "config.json", backbone_base
+    )
     metadata = read_json(folder, "metadata.json", required=False)
-    task = read_json(folder, "task.json", required=False)
-    task_cls, task_config = VisionMoEImageClassifier, {}
-    if task is not None:
-        _refuse_code(task, folder, "task.json")
-        try:
-            task_cls, task_config = _serialized(task, VisionMoEImageClassifier)
-        except ValueError as e:
-            raise ValueError(
-                f"Preset file {pathlib.Path(folder) / 'task.json'}: {e}."
-            ) from e
-        task_config.pop("backbone", None)
-        task_config.pop("preprocessor", None)
+    task_cls, task_config = None, {}
+    if task_base is not None:
+        task = _read_serialized(folder, "task.json", task_base, required=False)
+        if task is None:
+            task_cls = _task_class_for(backbone_cls, task_base, folder)
+        else:
+            task_cls, task_config = task
+            expected = getattr(task_cls, "backbone_cls", None) or Backbone
+            if not issubclass(backbone_cls, expected):
+                raise ValueError(
+                    f"Preset file {pathlib.Path(folder) / 'task.json'}: "
+                    f"{task_cls.__name__} takes a {expected.__name__}, but "
+                    f"config.json holds a {backbone_cls.__name__}."
+                )
+            task_config.pop("backbone", None)
+            task_config.pop("preprocessor", None)
     return backbone_cls, backbone_config, task_cls, task_config, metadata
 
 
 def _names(cls, skip=("self", "args", "kwargs")):
-    import inspect
-
     return [n for n in inspect.signature(cls.__init__).parameters if n not in skip]
 
 
-def _apply_backbone_overrides(config, overrides):
-    config = dict(config)
+def _apply_backbone_overrides(backbone_cls, config, overrides):
+    """The backbone config with `overrides`; `image_size` sets `image_shape`."""
     overrides = dict(overrides)
     if "image_size" in overrides:
         size = overrides.pop("image_size")
         hw = (size, size) if isinstance(size, int) else tuple(size)
-        channels = config.get("image_shape", _DEFAULT_IMAGE_SHAPE)[-1]
-        overrides.setdefault("image_shape", (*hw, channels))
-    if "router" in overrides and overrides["router"] != config.get("router"):
-        # Another router's kwargs rarely fit: fall back to its own defaults.
-        overrides.setdefault("router_config", None)
-        if overrides["router"] is None:
-            overrides.setdefault("moe_layers", None)
-            overrides.setdefault("num_experts", None)
-    config.update(overrides)
-    return config
+        shape = config.get("image_shape")
+        if shape is None:
+            shape = (
+                inspect.signature(backbone_cls.__init__)
+                .parameters["image_shape"]
+                .default
+            )
+        overrides.setdefault("image_shape", (*hw, shape[-1]))
+    family_hook = getattr(backbone_cls, "apply_preset_overrides", None)
+    if family_hook is not None:
+        return family_hook(dict(config), overrides)
+    return {**config, **overrides}
 
 
-def _split_overrides(overrides, for_classifier):
-    backbone_names = set(_names(VisionMoEBackbone)) | {"image_size", "dtype"}
-    classifier_names = set(_names(VisionMoEImageClassifier)) - {"backbone"}
-    classifier_names |= {"name", "compile"} if for_classifier else set()
-    if not for_classifier:
+def _split_overrides(overrides, backbone_cls, task_cls=None):
+    """`(backbone overrides, task overrides)`; an unknown key raises.
+
+    The valid keys are the constructor arguments of the preset's classes
+    (with `image_size` for backbones that take an `image_shape`).
+    """
+    backbone_names = set(_names(backbone_cls)) | {"dtype"}
+    if "image_shape" in backbone_names:
+        backbone_names.add("image_size")
+    classifier_names = set()
+    if task_cls is None:  # `name` and `trainable` are the backbone's.
         backbone_names |= {"name", "trainable"}
+    else:
+        classifier_names = set(_names(task_cls)) - {"backbone"}
+        classifier_names |= {"name", "compile"}
     backbone_kw, classifier_kw = {}, {}
     for key, value in overrides.items():
-        if key in classifier_names and for_classifier:
+        if key in classifier_names:
             classifier_kw[key] = value
         elif key in backbone_names:
             backbone_kw[key] = value
         else:
-            valid = sorted(
-                backbone_names | (classifier_names if for_classifier else set())
-            )
+            valid = sorted(backbone_names | classifier_names)
             close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ValueError(
@@ -330,31 +403,64 @@ def _backbone_weights_file(folder, metadata):
     )
 
 
-def load_backbone(preset, load_weights=True, **overrides):
-    """A `VisionMoEBackbone` from a preset name or folder; see `from_preset`."""
+def load_backbone(preset, load_weights=True, cls=Backbone, **overrides):
+    """The backbone of a preset name or folder; see `from_preset`.
+
+    Args:
+        preset: str. A built-in preset name or a preset folder.
+        load_weights: bool. Load `model.weights.h5` (or the sharded
+            weights). Defaults to `True`.
+        cls: class. The preset's backbone must be a registered subclass
+            (`VisionMoEBackbone.from_preset` passes itself). Defaults to
+            `keras_hub.models.Backbone`.
+        **overrides: Constructor arguments of the preset's backbone class.
+    """
     folder = resolve_preset(preset)
-    backbone_cls, config, _, _, metadata = _load_configs(folder)
-    backbone_kw, _ = _split_overrides(overrides, for_classifier=False)
-    backbone = backbone_cls.from_config(_apply_backbone_overrides(config, backbone_kw))
+    backbone_cls, config, _, _, metadata = _load_configs(folder, cls)
+    backbone_kw, _ = _split_overrides(overrides, backbone_cls)
+    backbone = backbone_cls.from_config(
+        _apply_backbone_overrides(backbone_cls, config, backbone_kw)
+    )
     weights = _backbone_weights_file(folder, metadata) if load_weights else None
     if weights is not None:
         _load_weights(backbone, weights, "load_weights")
     return backbone
 
 
-def load_classifier(preset, load_weights=True, **overrides):
-    """A `VisionMoEImageClassifier` from a preset; see `from_preset`."""
+def load_classifier(preset, load_weights=True, cls=ImageClassifier, **overrides):
+    """The image classifier of a preset name or folder; see `from_preset`.
+
+    Args:
+        preset: str. A built-in preset name or a preset folder.
+        load_weights: bool. Load the saved weights. Defaults to `True`.
+        cls: class. The preset's task (`task.json`) must be a registered
+            subclass (`VisionMoEImageClassifier.from_preset` passes itself);
+            without `task.json`, the registered subclass made for the
+            preset's backbone class is built. Defaults to
+            `keras_hub.models.ImageClassifier`.
+        **overrides: Constructor arguments of the preset's backbone or task.
+    """
     folder = resolve_preset(preset)
-    backbone_cls, config, task_cls, task_config, metadata = _load_configs(folder)
-    backbone_kw, classifier_kw = _split_overrides(overrides, for_classifier=True)
     if "backbone" in overrides:
         raise ValueError("Pass overrides, not a `backbone`, to from_preset().")
-    backbone = backbone_cls.from_config(_apply_backbone_overrides(config, backbone_kw))
+    backbone_cls, config, task_cls, task_config, metadata = _load_configs(
+        folder, task_base=cls
+    )
+    backbone_kw, classifier_kw = _split_overrides(overrides, backbone_cls, task_cls)
+    backbone = backbone_cls.from_config(
+        _apply_backbone_overrides(backbone_cls, config, backbone_kw)
+    )
     task_config = {**task_config, **classifier_kw}
-    if "num_classes" not in task_config:
-        raise ValueError(
-            f"Preset folder '{folder}' has no `task.json`; pass `num_classes=`."
-        )
+    missing = [
+        name
+        for name, p in inspect.signature(task_cls.__init__).parameters.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and name not in ("self", "backbone", *task_config)
+    ]
+    if missing:
+        needed = ", ".join(f"`{name}=`" for name in missing)
+        raise ValueError(f"Preset folder '{folder}' has no `task.json`; pass {needed}.")
     model = task_cls(backbone=backbone, **task_config)
     if load_weights:
         weights = _backbone_weights_file(folder, metadata)
@@ -367,7 +473,11 @@ def load_classifier(preset, load_weights=True, **overrides):
 
 
 def from_preset(name_or_dir, load_weights=True, **overrides):
-    """A `VisionMoEImageClassifier` from a built-in preset or a preset folder.
+    """The image classifier of a built-in preset or a preset folder.
+
+    The classes are the preset's own (`VisionMoEImageClassifier` for the
+    built-in presets and the models keras_vmoe saves; a keras-hub
+    classifier's preset, e.g. a dense `ViTImageClassifier`, loads too).
 
     Args:
         name_or_dir: str. A name from `list_presets()` or a folder written by
@@ -382,7 +492,7 @@ def from_preset(name_or_dir, load_weights=True, **overrides):
             also given), `num_experts`, `num_layers`, `hidden_dim`, ...
 
     Returns:
-        `VisionMoEImageClassifier`.
+        A `keras_hub.models.ImageClassifier` (`VisionMoEImageClassifier`).
 
     Raises:
         ValueError: unknown preset (close matches listed) or unknown

@@ -131,6 +131,45 @@ def test_moe_options_reach_the_layers():
     assert backbone.count_params() == count_backbone_params(config)
 
 
+def test_layout_is_derived_once_and_read_everywhere():
+    """`backbone.layout` (what the graph used), `layout_from_config` (no
+    build) and the cost model's resolved config agree."""
+    from keras_vmoe.models import VisionMoELayout
+    from keras_vmoe.models.vision_moe.cost import resolve_backbone_config
+
+    config = tiny_moe(
+        "softmax_token_choice",
+        image_shape=(16, 8, 3),
+        moe_layers="every:1",
+        expert_hidden_dim=8,
+        group_size=4,
+        use_class_token=False,
+        pooling="gap",
+    )
+    backbone = VisionMoEBackbone(**config)
+    expected = VisionMoELayout(
+        image_shape=(16, 8, 3),
+        patch_size=(4, 4),
+        patch_grid=(4, 2),
+        num_patches=8,
+        sequence_length=8,
+        moe_layer_indices=(0, 1),
+        tokens_per_group=32,
+        expert_hidden_dim=8,
+    )
+    assert backbone.layout == expected
+    assert VisionMoEBackbone.layout_from_config(config) == expected
+    assert VisionMoEBackbone.layout_from_config(backbone.get_config()) == expected
+    assert backbone.get_layer("encoder_block_0").mlp.group_size == 32
+    resolved = resolve_backbone_config(config)
+    assert {k: resolved[k] for k in expected._fields} == expected._asdict()
+    dense = VisionMoEBackbone.layout_from_config(TINY)
+    assert dense.moe_layer_indices == () and dense.tokens_per_group is None
+    assert dense.sequence_length == 17 and dense.expert_hidden_dim is None
+    with pytest.raises(ValueError, match="'num_expert'.*Did you mean 'num_experts'"):
+        VisionMoEBackbone.layout_from_config(dict(TINY, num_expert=4))
+
+
 def test_default_placement_and_group_divisibility():
     backbone = VisionMoEBackbone(
         **dict(tiny_moe("softmax_expert_choice"), moe_layers=None)

@@ -1,5 +1,7 @@
 """Tiny configurations shared by the model tests."""
 
+from keras_vmoe.routers import ComputeBudget, get_class
+
 TINY = dict(
     image_shape=(16, 16, 3),
     patch_size=4,
@@ -9,15 +11,18 @@ TINY = dict(
     mlp_dim=32,
 )
 
-# Router settings that keep tiny models valid (capacities >= 1, few slots).
-TINY_ROUTER_CONFIGS = {
-    "softmax_token_choice": {"num_selected_experts": 2, "capacity_factor": 1.0},
-    "sinkhorn_token_choice": {"num_selected_experts": 2, "capacity_factor": 1.0},
-    "softmax_expert_choice": {"capacity_factor": 2.0},
-    "sinkhorn_expert_choice": {"capacity_factor": 2.0},
-    "sparsity_constrained_expert_choice": {"capacity_factor": 2.0},
-    "soft": {"num_slots": 2},
-}
+# Every router at equal compute from its own contract: groups of 2 images of
+# 17 tokens (S = 34), E = 4, C = ceil(34 * 2 / 4) = 17 slots per expert (E * C
+# = 68 slots per group, what Token Choice with K = 2 fills when nothing is
+# dropped). A router registered later gets its settings the same way.
+TINY_BUDGET = ComputeBudget.from_capacity_factor(34, 4, 2, 1.0)
+
+
+def tiny_router_config(router):
+    """The `router_config` of `router` at `TINY_BUDGET` ({} for None)."""
+    if router is None:
+        return {}
+    return get_class(router).equal_compute_config(TINY_BUDGET)
 
 
 def tiny_moe(router, **overrides):
@@ -25,7 +30,7 @@ def tiny_moe(router, **overrides):
     config = dict(
         TINY,
         router=router,
-        router_config=dict(TINY_ROUTER_CONFIGS.get(router, {})),
+        router_config=tiny_router_config(router),
         num_experts=4,
         group_size=2,
         moe_layers=[1],

@@ -16,8 +16,8 @@ from keras_hub.src.utils import preset_utils
 
 from keras_vmoe import models
 from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
-from keras_vmoe.utils import atomic
 from keras_vmoe.models.vision_moe import presets as presets_module
+from keras_vmoe.utils import atomic
 from tests.models.tiny import TINY, tiny_moe
 
 IMAGES = np.random.RandomState(0).rand(2, 16, 16, 3).astype("float32")

@@ -178,3 +178,36 @@ def test_truncated_config_names_the_file(saved_preset, tmp_path):
     with pytest.raises(PresetFileError, match=r"copy/config\.json.*not valid JSON"):
         models.from_preset(str(copy))
     assert models.from_preset(str(saved_preset)).num_classes == 3  # intact
+
+
+def test_only_classes_registered_by_keras_vmoe_or_keras_hub_load(tmp_path):
+    """A preset names its classes by registered name; the `module` entry is
+    never imported, and a class registered by another package is refused."""
+
+    @keras.saving.register_keras_serializable(package="elsewhere")
+    class ElsewhereBackbone(VisionMoEBackbone):
+        pass
+
+    config = json.loads(
+        json.dumps(
+            keras.saving.serialize_keras_object(
+                VisionMoEBackbone(**tiny_moe("softmax_token_choice"))
+            )
+        )
+    )
+    folder = tmp_path / "elsewhere"
+    _write(
+        folder,
+        "config.json",
+        dict(config, registered_name="elsewhere>ElsewhereBackbone"),
+    )
+    with pytest.raises(
+        ValueError, match=r"config\.json.*'elsewhere>ElsewhereBackbone'"
+    ):
+        VisionMoEBackbone.from_preset(str(folder), load_weights=False)
+    # No registered name: the module and class name are not used.
+    doc = dict(config, module="this_module_does_not_exist", class_name="Anything")
+    del doc["registered_name"]
+    _write(folder, "config.json", doc)
+    with pytest.raises(ValueError, match=r"config\.json.*without a registered name"):
+        models.from_preset(str(folder), num_classes=2, load_weights=False)

@@ -8,6 +8,7 @@ checks and the derived layout), `backbone`, `image_classifier` (with
 """
 
 from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.models.vision_moe.config import VisionMoELayout
 from keras_vmoe.models.vision_moe.image_classifier import VisionMoEImageClassifier
 
-__all__ = ["VisionMoEBackbone", "VisionMoEImageClassifier"]
+__all__ = ["VisionMoEBackbone", "VisionMoEImageClassifier", "VisionMoELayout"]

@@ -1,15 +1,23 @@
 """`VisionMoEBackbone`: a ViT whose MLP blocks may be Mixtures of Experts."""
 
+import difflib
+import functools
+import inspect
+
 import keras
 from keras_hub.models import Backbone
 
-from keras_vmoe.models.vision_moe import vit_layers
-from keras_vmoe.utils.atomic import AtomicPresetSave
+from keras_vmoe.models import preset_loader
+from keras_vmoe.models.vision_moe import layout_map, vit_layers
 from keras_vmoe.models.vision_moe.config import (
+    apply_preset_overrides,
     check_backbone_arguments,
-    parse_moe_layers,  # noqa: F401 (re-exported: models.vmoe_backbone API)
 )
 from keras_vmoe.models.vision_moe.encoder_block import EncoderBlock
+from keras_vmoe.utils.atomic import AtomicPresetSave
+
+# keras-hub `Backbone` arguments that a `get_config()` also holds.
+_BASE_ARGUMENTS = frozenset({"name", "trainable", "dtype"})
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -38,6 +46,11 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
     (`group_size * T` tokens): the batch size must be a multiple of
     `group_size`. Each MoE layer adds its router's auxiliary loss with
     `add_loss`, so `fit()` minimises it together with the task loss.
+
+    The sizes derived from the arguments (patch grid, `T`, MoE blocks,
+    tokens per group, experts' hidden size) are `backbone.layout`, a
+    `VisionMoELayout`; `VisionMoEBackbone.layout_from_config(config)` gives
+    them without building the model.
 
     Args:
         image_shape: tuple of 3 ints. `(height, width, channels)`; height and
@@ -113,8 +126,8 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
         **kwargs,
     ):
         kwargs.setdefault("name", "vision_moe_backbone")
-        # === Validation (backbone_config.py) ===
-        layout = check_backbone_arguments(
+        # === Validation and derived sizes (config.py) ===
+        arguments = dict(
             image_shape=image_shape,
             patch_size=patch_size,
             num_layers=num_layers,
@@ -127,6 +140,7 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
             num_experts=num_experts,
             expert_hidden_dim=expert_hidden_dim,
             group_size=group_size,
+            identical_expert_init=identical_expert_init,
             use_class_token=use_class_token,
             pooling=pooling,
             dropout_rate=dropout_rate,
@@ -134,8 +148,10 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
             expert_dropout_rate=expert_dropout_rate,
             layer_norm_epsilon=layer_norm_epsilon,
         )
-        image_shape = layout.image_shape
-        moe_indices, seq_len = layout.moe_layer_indices, layout.sequence_length
+        layout = check_backbone_arguments(arguments)
+        arguments["image_shape"] = image_shape = layout.image_shape
+        if router_config is not None:
+            arguments["router_config"] = dict(router_config)
 
         # === Functional model ===
         images = keras.layers.Input(shape=image_shape, name="images")
@@ -148,13 +164,13 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
         x = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")(x)
         for i in range(num_layers):
             moe_config = None
-            if i in moe_indices:
+            if i in layout.moe_layer_indices:
                 moe_config = {
                     "router": router,
                     "router_config": dict(router_config or {}),
                     "num_experts": int(num_experts),
-                    "expert_hidden_dim": int(expert_hidden_dim or mlp_dim),
-                    "group_size": int(group_size) * seq_len,
+                    "expert_hidden_dim": layout.expert_hidden_dim,
+                    "group_size": layout.tokens_per_group,
                     "dropout_rate": float(
                         dropout_rate
                         if expert_dropout_rate is None
@@ -189,55 +205,70 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
         )
 
         # === Config ===
-        self.image_shape = image_shape
-        self.patch_size = patch_size
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.hidden_dim = hidden_dim
-        self.mlp_dim = mlp_dim
-        self.moe_layers = moe_layers
-        self.router = router
-        self.router_config = None if router_config is None else dict(router_config)
-        self.num_experts = num_experts
-        self.expert_hidden_dim = expert_hidden_dim
-        self.group_size = group_size
-        self.identical_expert_init = identical_expert_init
-        self.use_class_token = use_class_token
-        self.pooling = pooling
-        self.dropout_rate = dropout_rate
-        self.attention_dropout = attention_dropout
-        self.expert_dropout_rate = expert_dropout_rate
-        self.layer_norm_epsilon = layer_norm_epsilon
-        # Derived (not config).
-        self.moe_layer_indices = moe_indices
-        self.sequence_length = seq_len
+        for name, value in arguments.items():
+            setattr(self, name, value)
+        # Derived (not config): see `VisionMoELayout`.
+        self.layout = layout
+        self.moe_layer_indices = layout.moe_layer_indices
+        self.sequence_length = layout.sequence_length
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "image_shape": self.image_shape,
-                "patch_size": self.patch_size,
-                "num_layers": self.num_layers,
-                "num_heads": self.num_heads,
-                "hidden_dim": self.hidden_dim,
-                "mlp_dim": self.mlp_dim,
-                "moe_layers": self.moe_layers,
-                "router": self.router,
-                "router_config": self.router_config,
-                "num_experts": self.num_experts,
-                "expert_hidden_dim": self.expert_hidden_dim,
-                "group_size": self.group_size,
-                "identical_expert_init": self.identical_expert_init,
-                "use_class_token": self.use_class_token,
-                "pooling": self.pooling,
-                "dropout_rate": self.dropout_rate,
-                "attention_dropout": self.attention_dropout,
-                "expert_dropout_rate": self.expert_dropout_rate,
-                "layer_norm_epsilon": self.layer_norm_epsilon,
-            }
-        )
+        config.update({name: getattr(self, name) for name in _argument_defaults()})
         return config
+
+    @classmethod
+    def arguments_from_config(cls, config):
+        """Every constructor argument, from a config that may leave some out.
+
+        Args:
+            config: dict. Backbone constructor arguments, e.g. a
+                `get_config()` (its `name`, `trainable` and `dtype` are left
+                out) or a few keyword arguments.
+
+        Returns:
+            dict. Each `VisionMoEBackbone` argument, the signature's default
+            where `config` has none.
+
+        Raises:
+            ValueError: `config` has a key that is no constructor argument.
+
+        Example:
+        >>> arguments = VisionMoEBackbone.arguments_from_config(
+        ...     {"name": "b", "num_layers": 2})
+        >>> arguments["num_layers"], arguments["patch_size"], "name" in arguments
+        (2, 16, False)
+        """
+        defaults = _argument_defaults()
+        unknown = sorted(set(config) - set(defaults) - _BASE_ARGUMENTS)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], defaults, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{unknown} are not VisionMoEBackbone arguments.{hint}")
+        return {name: config.get(name, default) for name, default in defaults.items()}
+
+    @classmethod
+    def layout_from_config(cls, config):
+        """The `VisionMoELayout` of `VisionMoEBackbone(**config)`, unbuilt.
+
+        Args:
+            config: dict. Backbone constructor arguments (defaults filled in
+                as by `arguments_from_config`), e.g. a `get_config()`.
+
+        Returns:
+            `VisionMoELayout`.
+
+        Raises:
+            ValueError: an argument is invalid; the message names it.
+
+        Example:
+        >>> layout = VisionMoEBackbone.layout_from_config(dict(
+        ...     image_shape=(32, 32, 3), patch_size=8, router="soft",
+        ...     num_experts=4, num_layers=4, group_size=2))
+        >>> layout.patch_grid, layout.moe_layer_indices, layout.tokens_per_group
+        ((4, 4), (1, 3), 34)
+        """
+        return check_backbone_arguments(cls.arguments_from_config(config))
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
@@ -265,9 +296,18 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
         >>> backbone.moe_layer_indices
         (1,)
         """
-        from keras_vmoe.models import preset_loader
+        return preset_loader.load_backbone(
+            preset, load_weights=load_weights, cls=cls, **kwargs
+        )
 
-        return preset_loader.load_backbone(preset, load_weights=load_weights, **kwargs)
+    @staticmethod
+    def apply_preset_overrides(config, overrides):
+        """The preset `config` with `from_preset` `overrides` applied.
+
+        The preset loader calls it; see `config.apply_preset_overrides`
+        (a new router starts from its own defaults).
+        """
+        return apply_preset_overrides(config, overrides)
 
     @classmethod
     def get_layout_map(
@@ -277,8 +317,8 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
 
         Expert weights on `expert_axis`, attention and dense MLP kernels on
         `model_axis` (if given), everything else replicated. Delegates to
-        `keras_vmoe.distribution.get_layout_map`; check the result on a
-        built model with `keras_vmoe.distribution.validate_layouts`.
+        `layout_map.get_layout_map` (also `keras_vmoe.distribution`); check
+        the result on a built model with `layout_map.validate_layouts`.
 
         Args:
             device_mesh: `keras.distribution.DeviceMesh`.
@@ -295,11 +335,20 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
         >>> layout_map["encoder_block_1/moe/experts/output_kernel"].axes
         ('expert', None, None)
         """
-        from keras_vmoe.distribution import get_layout_map
-
-        return get_layout_map(
+        return layout_map.get_layout_map(
             device_mesh,
             data_axis=data_axis,
             expert_axis=expert_axis,
             model_axis=model_axis,
         )
+
+
+@functools.cache
+def _argument_defaults():
+    """`{argument: default}` of `VisionMoEBackbone`, from its signature."""
+    parameters = inspect.signature(VisionMoEBackbone.__init__).parameters
+    return {
+        name: p.default
+        for name, p in parameters.items()
+        if p.default is not inspect.Parameter.empty and name != "dtype"
+    }

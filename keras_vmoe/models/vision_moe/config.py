@@ -1,9 +1,12 @@
-"""`VisionMoEBackbone`'s arguments: checks, MoE placement, derived sizes.
+"""`VisionMoEBackbone`'s arguments: checks, MoE placement, derived layout.
 
 `check_backbone_arguments` validates every constructor argument of
-`VisionMoEBackbone` (with messages that name the argument) and returns what
-the functional graph needs: the image shape, the patch size, the MoE block
-indices (`parse_moe_layers`) and the token sequence length.
+`VisionMoEBackbone` (with messages that name the argument) and derives the
+`VisionMoELayout`: image and patch shapes, the patch grid, the token
+sequence length, the MoE block indices (`parse_moe_layers`), the tokens per
+routing group and the experts' hidden size. It is the only place these are
+worked out. `apply_preset_overrides` applies `from_preset(...)` overrides to
+a saved config.
 """
 
 import collections
@@ -96,91 +99,85 @@ def parse_moe_layers(spec, num_layers):
     return tuple(sorted(resolved))
 
 
-BackboneLayout = collections.namedtuple(
-    "BackboneLayout",
-    ["image_shape", "patch_size", "moe_layer_indices", "sequence_length"],
+VisionMoELayout = collections.namedtuple(
+    "VisionMoELayout",
+    [
+        "image_shape",
+        "patch_size",
+        "patch_grid",
+        "num_patches",
+        "sequence_length",
+        "moe_layer_indices",
+        "tokens_per_group",
+        "expert_hidden_dim",
+    ],
 )
-BackboneLayout.__doc__ = """What the backbone graph needs, from checked arguments.
+VisionMoELayout.__doc__ = """The sizes a `VisionMoEBackbone` derives from its arguments.
+
+The one place they are worked out (`check_backbone_arguments`): the
+backbone's graph, the cost model (`cost.py`), the presets and the training
+metadata all read them from here. `VisionMoEBackbone.layout_from_config`
+gives the layout of a config without building the model; a built backbone
+holds it as `backbone.layout`.
 
 Fields:
     image_shape: tuple of 3 ints. `(height, width, channels)`.
     patch_size: (int, int). Patch height and width.
-    moe_layer_indices: tuple of int. The MoE blocks, sorted.
+    patch_grid: (int, int). Patches per column and per row.
+    num_patches: int. Patches per image.
     sequence_length: int. Tokens per image (patches, plus the class token).
+    moe_layer_indices: tuple of int. The MoE blocks, sorted (empty for a
+        dense ViT).
+    tokens_per_group: int or None. Tokens routed together
+        (`group_size * sequence_length`); `None` without MoE blocks.
+    expert_hidden_dim: int or None. Hidden size of each expert MLP
+        (`expert_hidden_dim`, else `mlp_dim`); `None` without MoE blocks.
 """
 
 
-def check_backbone_arguments(
-    *,
-    image_shape,
-    patch_size,
-    num_layers,
-    num_heads,
-    hidden_dim,
-    mlp_dim,
-    moe_layers,
-    router,
-    router_config,
-    num_experts,
-    expert_hidden_dim,
-    group_size,
-    use_class_token,
-    pooling,
-    dropout_rate,
-    attention_dropout,
-    expert_dropout_rate,
-    layer_norm_epsilon,
-):
-    """Checks `VisionMoEBackbone`'s arguments and resolves the layout.
+def check_backbone_arguments(arguments):
+    """Checks `VisionMoEBackbone`'s arguments and derives its layout.
 
     Args:
-        image_shape, patch_size, num_layers, num_heads, hidden_dim, mlp_dim,
-        moe_layers, router, router_config, num_experts, expert_hidden_dim,
-        group_size, use_class_token, pooling, dropout_rate, attention_dropout,
-        expert_dropout_rate, layer_norm_epsilon: the `VisionMoEBackbone`
-            arguments of the same names.
+        arguments: dict. Every `VisionMoEBackbone` constructor argument by
+            name (`VisionMoEBackbone.arguments_from_config` fills in the
+            defaults of a partial config); other keys are ignored.
 
     Returns:
-        A `BackboneLayout`.
+        A `VisionMoELayout`.
 
     Raises:
         ValueError: an argument is invalid; the message names it.
 
     Example:
-    >>> layout = check_backbone_arguments(
+    >>> layout = check_backbone_arguments(dict(
     ...     image_shape=(32, 32, 3), patch_size=8, num_layers=4, num_heads=2,
     ...     hidden_dim=16, mlp_dim=32, moe_layers=None, router="soft",
     ...     router_config=None, num_experts=4, expert_hidden_dim=None,
     ...     group_size=2, use_class_token=True, pooling="token",
     ...     dropout_rate=0.0, attention_dropout=0.0, expert_dropout_rate=None,
-    ...     layer_norm_epsilon=1e-6)
-    >>> layout.moe_layer_indices, layout.sequence_length
-    ((1, 3), 17)
+    ...     layer_norm_epsilon=1e-6))
+    >>> layout.moe_layer_indices, layout.sequence_length, layout.tokens_per_group
+    ((1, 3), 17, 34)
     """
-    image_shape = _check_image_shape(image_shape)
-    ph, pw = vit_layers._pair(patch_size, "patch_size")
+    a = arguments
+    image_shape = _check_image_shape(a["image_shape"])
+    ph, pw = vit_layers._pair(a["patch_size"], "patch_size")
     if image_shape[0] % ph or image_shape[1] % pw:
         raise ValueError(
             f"Image size {image_shape[:2]} (`image_shape`) must be divisible "
             f"by the patch size {(ph, pw)} (`patch_size`)."
         )
-    for arg, value in (
-        ("num_layers", num_layers),
-        ("num_heads", num_heads),
-        ("hidden_dim", hidden_dim),
-        ("mlp_dim", mlp_dim),
-    ):
-        check_positive_int(arg, value)
-    if expert_hidden_dim is not None:
-        check_positive_int("expert_hidden_dim", expert_hidden_dim)
-    for arg, value in (
-        ("dropout_rate", dropout_rate),
-        ("attention_dropout", attention_dropout),
-    ):
-        check_rate(arg, value)
-    if expert_dropout_rate is not None:
-        check_rate("expert_dropout_rate", expert_dropout_rate)
-    check_positive_float("layer_norm_epsilon", layer_norm_epsilon)
+    for name in ("num_layers", "num_heads", "hidden_dim", "mlp_dim"):
+        check_positive_int(name, a[name])
+    if a["expert_hidden_dim"] is not None:
+        check_positive_int("expert_hidden_dim", a["expert_hidden_dim"])
+    for name in ("dropout_rate", "attention_dropout"):
+        check_rate(name, a[name])
+    if a["expert_dropout_rate"] is not None:
+        check_rate("expert_dropout_rate", a["expert_dropout_rate"])
+    check_positive_float("layer_norm_epsilon", a["layer_norm_epsilon"])
+    pooling, use_class_token = a["pooling"], a["use_class_token"]
     if pooling not in ("token", "gap"):
         raise ValueError(f"`pooling` must be 'token' or 'gap', got {pooling!r}.")
     if pooling == "token" and not use_class_token:
@@ -188,15 +185,59 @@ def check_backbone_arguments(
             "`pooling='token'` needs `use_class_token=True`; use `pooling='gap'`."
         )
     moe_indices = _check_moe(
-        moe_layers, num_layers, router, router_config, num_experts, group_size
+        a["moe_layers"],
+        a["num_layers"],
+        a["router"],
+        a["router_config"],
+        a["num_experts"],
+        a["group_size"],
     )
-    num_patches = (image_shape[0] // ph) * (image_shape[1] // pw)
-    return BackboneLayout(
+    grid = (image_shape[0] // ph, image_shape[1] // pw)
+    num_patches = grid[0] * grid[1]
+    sequence_length = num_patches + int(bool(use_class_token))
+    return VisionMoELayout(
         image_shape=image_shape,
         patch_size=(ph, pw),
+        patch_grid=grid,
+        num_patches=num_patches,
+        sequence_length=sequence_length,
         moe_layer_indices=moe_indices,
-        sequence_length=num_patches + int(bool(use_class_token)),
+        tokens_per_group=(
+            int(a["group_size"]) * sequence_length if moe_indices else None
+        ),
+        expert_hidden_dim=(
+            int(a["expert_hidden_dim"] or a["mlp_dim"]) if moe_indices else None
+        ),
     )
+
+
+def apply_preset_overrides(config, overrides):
+    """A backbone config with preset overrides applied (`from_preset(...)`).
+
+    Changing the router resets `router_config` to the new router's defaults
+    (another router's arguments rarely fit), and `router=None` also resets
+    `moe_layers` and `num_experts` (a dense ViT), unless those are given too.
+
+    Args:
+        config: dict. The preset's backbone config.
+        overrides: dict. Backbone constructor arguments to replace.
+
+    Returns:
+        dict. A new config.
+
+    Example:
+    >>> apply_preset_overrides(
+    ...     {"router": "soft", "router_config": {"num_slots": 1}},
+    ...     {"router": "softmax_expert_choice"})
+    {'router': 'softmax_expert_choice', 'router_config': None}
+    """
+    overrides = dict(overrides)
+    if "router" in overrides and overrides["router"] != config.get("router"):
+        overrides.setdefault("router_config", None)
+        if overrides["router"] is None:
+            overrides.setdefault("moe_layers", None)
+            overrides.setdefault("num_experts", None)
+    return {**config, **overrides}
 
 
 def _check_moe(moe_layers, num_layers, router, router_config, num_experts, group_size):

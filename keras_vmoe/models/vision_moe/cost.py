@@ -13,48 +13,28 @@ out. Experts are charged for every slot they process, filled or not
 expert computation pays for empty slots too.
 """
 
-import inspect
-
-from keras_vmoe.models.vision_moe.config import parse_moe_layers
 from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
 
 
-def _defaults(cls):
-    return {
-        name: p.default
-        for name, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
 def resolve_backbone_config(config):
-    """The backbone config with every default filled in, plus derived sizes.
+    """Every backbone argument, resolved, with the derived layout.
 
     Args:
-        config: dict. `VisionMoEBackbone` constructor arguments.
+        config: dict. `VisionMoEBackbone` constructor arguments (missing ones
+            take their defaults), e.g. a `get_config()`.
 
     Returns:
-        dict with the constructor arguments and `patch` (h, w),
-        `num_patches`, `seq_len`, `moe_indices`, `expert_hidden` keys.
+        dict. The constructor arguments, then the `VisionMoELayout` fields
+        (`patch_size` as (h, w), `patch_grid`, `num_patches`,
+        `sequence_length`, `moe_layer_indices`, `tokens_per_group`,
+        `expert_hidden_dim` resolved), which replace the arguments of the
+        same names.
+
+    Raises:
+        ValueError: an argument is invalid (as `VisionMoEBackbone` raises).
     """
-    cfg = {**_defaults(VisionMoEBackbone), **config}
-    patch = cfg["patch_size"]
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    h, w, _ = cfg["image_shape"]
-    num_patches = (h // patch[0]) * (w // patch[1])
-    seq_len = num_patches + int(bool(cfg["use_class_token"]))
-    if cfg["router"] is None:
-        moe_indices = ()
-    else:
-        spec = "every:2" if cfg["moe_layers"] is None else cfg["moe_layers"]
-        moe_indices = parse_moe_layers(spec, cfg["num_layers"])
-    cfg.update(
-        patch=patch,
-        num_patches=num_patches,
-        seq_len=seq_len,
-        moe_indices=moe_indices,
-        expert_hidden=cfg["expert_hidden_dim"] or cfg["mlp_dim"],
-    )
+    cfg = VisionMoEBackbone.arguments_from_config(config)
+    cfg.update(VisionMoEBackbone.layout_from_config(cfg)._asdict())
     return cfg
 
 
@@ -68,24 +48,8 @@ def make_router(cfg):
 
 
 def _router_params(cfg):
-    """Router weights of one MoE layer.
-
-    Known routers are counted by formula: dense gating `d x E`; Soft MoE
-    slot embeddings `d x E x P` plus a scale. Any other router is built
-    alone on `(1, S, d)` and counted (router weights are small).
-    """
-    from keras_vmoe.routers.base import DenseGatingRouter
-    from keras_vmoe.routers.soft import SoftRouter
-
-    router = make_router(cfg)
-    group_tokens = cfg["group_size"] * cfg["seq_len"]
-    d, e = cfg["hidden_dim"], cfg["num_experts"]
-    if type(router).build is DenseGatingRouter.build:
-        return d * e
-    if type(router).build is SoftRouter.build:
-        return d * e * router.slots_for(group_tokens) + 1
-    router.build((1, group_tokens, d))
-    return router.count_params()
+    """Router weights of one MoE layer (the router's `weight_count`)."""
+    return make_router(cfg).weight_count(cfg["hidden_dim"], cfg["tokens_per_group"])
 
 
 def _moe_statistics_count():
@@ -95,15 +59,8 @@ def _moe_statistics_count():
 
 
 def expert_slots_per_group(cfg):
-    """`E * C`: expert slots processed per group of `group_size` images."""
-    router = make_router(cfg)
-    group_tokens = cfg["group_size"] * cfg["seq_len"]
-    if hasattr(router, "slots_for"):  # Soft MoE: P slots per expert.
-        return cfg["num_experts"] * router.slots_for(group_tokens)
-    k = 1
-    if getattr(router, "counts_selected_experts", False):
-        k = router.num_selected_experts
-    return cfg["num_experts"] * router.group_capacity(group_tokens, True, k)
+    """`E * C`: expert slots processed per group, at the training capacity."""
+    return make_router(cfg).expert_slots(cfg["tokens_per_group"], training=True)
 
 
 def count_backbone_params(config):
@@ -125,15 +82,15 @@ def count_backbone_params(config):
     """
     cfg = resolve_backbone_config(config)
     d, h, c = cfg["hidden_dim"], cfg["mlp_dim"], cfg["image_shape"][2]
-    total = cfg["patch"][0] * cfg["patch"][1] * c * d + d  # patch conv
+    total = cfg["patch_size"][0] * cfg["patch_size"][1] * c * d + d  # patch conv
     total += d * int(bool(cfg["use_class_token"]))  # class token
-    total += cfg["seq_len"] * d  # position embedding
+    total += cfg["sequence_length"] * d  # position embedding
     block = 2 * 2 * d + 4 * d * d + 4 * d  # two LayerNorms + attention
-    num_moe = len(cfg["moe_indices"])
+    num_moe = len(cfg["moe_layer_indices"])
     total += cfg["num_layers"] * block
     total += (cfg["num_layers"] - num_moe) * (d * h + h + h * d + d)  # dense MLPs
     if num_moe:
-        eh = cfg["expert_hidden"]
+        eh = cfg["expert_hidden_dim"]
         experts = cfg["num_experts"] * (d * eh + eh + eh * d + d)
         total += num_moe * (experts + _router_params(cfg) + _moe_statistics_count())
     return total + 2 * d  # final LayerNorm
@@ -158,25 +115,22 @@ def backbone_flops(config):
         int. `2 x` multiply-accumulates (see the module docstring).
     """
     cfg = resolve_backbone_config(config)
-    d, h, t = cfg["hidden_dim"], cfg["mlp_dim"], cfg["seq_len"]
+    d, h, t = cfg["hidden_dim"], cfg["mlp_dim"], cfg["sequence_length"]
     macs = (
         cfg["num_patches"]
-        * cfg["patch"][0]
-        * cfg["patch"][1]
+        * cfg["patch_size"][0]
+        * cfg["patch_size"][1]
         * cfg["image_shape"][2]
         * d
     )
-    num_moe = len(cfg["moe_indices"])
+    num_moe = len(cfg["moe_layer_indices"])
     macs += cfg["num_layers"] * (4 * t * d * d + 2 * t * t * d)  # attention
     macs += (cfg["num_layers"] - num_moe) * 2 * t * d * h  # dense MLPs
     if num_moe:
-        g, e, eh = cfg["group_size"], cfg["num_experts"], cfg["expert_hidden"]
+        g, eh = cfg["group_size"], cfg["expert_hidden_dim"]
         slots = expert_slots_per_group(cfg)
         group_macs = slots * 2 * d * eh  # experts
-        if cfg["router"] == "soft":  # logits, dispatch and combine einsums
-            group_macs += 3 * g * t * d * slots
-        else:  # gating logits
-            group_macs += g * t * d * e
+        group_macs += make_router(cfg).routing_macs(g * t, d)
         macs += num_moe * group_macs / g
     return int(round(2 * macs))
 

@@ -8,13 +8,14 @@ from keras import ops
 from keras_hub.models import ImageClassifier
 from keras_hub.src.models.task import Task
 
-from keras_vmoe.utils.atomic import AtomicPresetSave
+from keras_vmoe.models import preset_loader
+from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
 from keras_vmoe.models.vision_moe.losses import (
     LOSS_TYPES,
     ClassificationCrossEntropy,
     is_sparse_labels,
 )
-from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.utils.atomic import AtomicPresetSave
 from keras_vmoe.utils.checks import check_positive_int, check_rate
 
 _ACTIVATIONS = (None, "softmax", "sigmoid")
@@ -262,8 +263,6 @@ class VisionMoEImageClassifier(AtomicPresetSave, ImageClassifier):
         >>> model.num_classes
         5
         """
-        from keras_vmoe.models import preset_loader
-
         return preset_loader.load_classifier(
-            preset, load_weights=load_weights, **kwargs
+            preset, load_weights=load_weights, cls=cls, **kwargs
         )

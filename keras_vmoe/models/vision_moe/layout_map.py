@@ -22,6 +22,7 @@ import collections
 import keras
 
 from keras_vmoe.layers.moe import STATISTICS
+from keras_vmoe.routers import get_class, router_names
 
 # Paths are matched with `re.fullmatch`; the prefix lets a model be nested.
 _PREFIX = r"(?:.*/)?"
@@ -37,7 +38,6 @@ _REPLICATED = (
     _BLOCK + r"attention/attention_output/bias",
     _BLOCK + r"mlp/dense_2/bias",
     _PREFIX + r"moe/(?:" + "|".join(STATISTICS) + ")",
-    _PREFIX + r"moe/router/(?:gating_kernel|slot_embeddings|scale)",
     _PREFIX + r"(?:head|pre_logits)/(?:kernel|bias)",
     _PREFIX + r"seed_generator(?:_\d+)?/seed_generator_state",
 )
@@ -50,6 +50,16 @@ EXPERT_WEIGHTS = {
     "output_kernel": 3,
     "output_bias": 2,
 }
+
+
+def _router_weights_key():
+    """Matches the weights of every registered router (each declares its
+    `weight_names`), so a router registered later is covered too."""
+    names = sorted(
+        {name for router in router_names() for name in get_class(router).weight_names}
+    )
+    return _PREFIX + r"moe/router/(?:" + "|".join(names) + ")"
+
 
 LayoutProblem = collections.namedtuple("LayoutProblem", ["variable", "path", "reason"])
 
@@ -138,7 +148,7 @@ def get_layout_map(
             "`expert_axis`."
         )
     layout_map = keras.distribution.LayoutMap(device_mesh)
-    for key in _REPLICATED:
+    for key in _REPLICATED + (_router_weights_key(),):
         layout_map[key] = ()
 
     for name, rank in EXPERT_WEIGHTS.items():

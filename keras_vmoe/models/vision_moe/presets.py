@@ -32,22 +32,16 @@ import pathlib
 
 import keras
 
+from keras_vmoe.models.preset_loader import builtin_names, presets_dir, read_json
 from keras_vmoe.models.vision_moe import cost
-from keras_vmoe.utils.atomic import atomic_directory
-from keras_vmoe.models.vision_moe.config import parse_moe_layers
-from keras_vmoe.models.preset_loader import (  # noqa: F401 - re-exported
-    builtin_names,
-    from_preset,
-    load_backbone,
-    load_classifier,
-    presets_dir,
-    read_json,
-    resolve_preset,
-)
 from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.models.vision_moe.config import parse_moe_layers
 from keras_vmoe.models.vision_moe.image_classifier import VisionMoEImageClassifier
+from keras_vmoe.routers import get_class, router_names
+from keras_vmoe.utils.atomic import atomic_directory
 
-# (num_layers, hidden_dim, mlp_dim, num_heads); ROUTERS.md section 4.
+# (num_layers, hidden_dim, mlp_dim, num_heads); docs/routers.md, "Reference
+# models and presets".
 SIZES = {
     "S": (8, 512, 2048, 8),  # V-MoE S (8 blocks)
     "S_soft": (12, 384, 1536, 6),  # Soft MoE / big_vision S (12 blocks)
@@ -59,46 +53,6 @@ VMOE_VARIANTS = (("S", 32), ("B", 32), ("B", 16), ("L", 16), ("H", 14))
 VMOE_NUM_EXPERTS = 32
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224
-
-# short name -> (router, router_config, images per group, label)
-ROUTER_RECIPES = {
-    "softmax_tc": (
-        "softmax_token_choice",
-        {"num_selected_experts": 2, "capacity_factor": 1.05},
-        8,
-        "Softmax Token Choice (K=2, capacity factor 1.05)",
-    ),
-    "sinkhorn_tc": (
-        "sinkhorn_token_choice",
-        {"num_selected_experts": 2, "capacity_factor": 1.05},
-        8,
-        "Sinkhorn Token Choice (K=2, capacity factor 1.05)",
-    ),
-    "softmax_ec": (
-        "softmax_expert_choice",
-        {"capacity_factor": 2.0},
-        8,
-        "Softmax Expert Choice (capacity factor 2)",
-    ),
-    "sinkhorn_ec": (
-        "sinkhorn_expert_choice",
-        {"capacity_factor": 2.0},
-        8,
-        "Sinkhorn Expert Choice (capacity factor 2)",
-    ),
-    "sparsity_ec": (
-        "sparsity_constrained_expert_choice",
-        {"capacity_factor": 2.0},
-        8,
-        "Sparsity-constrained Expert Choice (capacity factor 2)",
-    ),
-    "soft": (
-        "soft",
-        {"capacity_factor": 2.0},
-        1,
-        "Soft MoE router (round(2T/E) slots per expert, 1 image per group)",
-    ),
-}
 
 
 def _size_kwargs(size, patch):
@@ -128,7 +82,16 @@ def preset_definitions():
             dict(head),
         )
         placement = "last_odd:2" if size == "S" else "every:2"
-        for short, (router, router_config, group, label) in ROUTER_RECIPES.items():
+        for router in router_names():
+            recipe = get_class(router).preset_recipe()
+            if recipe is None:
+                continue
+            short, router_config, group, label = (
+                recipe.short_name,
+                recipe.router_config,
+                recipe.images_per_group,
+                recipe.description,
+            )
             blocks = parse_moe_layers(placement, layers)
             backbone = dict(
                 base,
@@ -224,10 +187,8 @@ def preset_files(name, description, backbone_kwargs, classifier_kwargs):
         "name": "vision_moe_backbone",
         "trainable": True,
         "dtype": None,
-        **cost.resolve_backbone_config(backbone_kwargs),
+        **VisionMoEBackbone.arguments_from_config(backbone_kwargs),
     }
-    for derived in ("patch", "num_patches", "seq_len", "moe_indices", "expert_hidden"):
-        backbone_config.pop(derived)
     backbone_config["image_shape"] = list(backbone_config["image_shape"])
     classifier_config = {
         "name": "vision_moe_image_classifier",
@@ -239,12 +200,56 @@ def preset_files(name, description, backbone_kwargs, classifier_kwargs):
         "head_dtype": None,
         **classifier_kwargs,
     }
-    resolved = cost.resolve_backbone_config(backbone_config)
-    d, n = resolved["hidden_dim"], classifier_config["num_classes"]
+    metadata = preset_metadata(
+        backbone_config, classifier_config, name=name, description=description
+    )
+    return {
+        "config.json": _serialize(VisionMoEBackbone, backbone_config),
+        "task.json": _serialize(VisionMoEImageClassifier, classifier_config),
+        "metadata.json": metadata,
+    }
+
+
+def preset_metadata(
+    backbone_config, classifier_config, *, name, description, weights=None, **extra
+):
+    """The `metadata.json` entries of a V-MoE classifier preset.
+
+    Sizes and cost come from the configs (`cost.py`, nothing is built), the
+    MoE blocks and sequence length from the backbone's `VisionMoELayout`.
+    `generate_presets` and `keras-vmoe train` both write it.
+
+    Args:
+        backbone_config: dict. `VisionMoEBackbone` arguments, e.g. its
+            `get_config()`.
+        classifier_config: dict. `VisionMoEImageClassifier` arguments, e.g.
+            its `get_config()`; `num_classes` and `representation_size` are
+            read.
+        name: str. The preset's name.
+        description: str. One line on what the preset is.
+        weights: str or None. `None` for an architecture preset (loads with
+            random weights and needs no weights file), e.g. `"trained"`
+            otherwise. Defaults to `None`.
+        **extra: More entries, e.g. `training={...}`.
+
+    Returns:
+        dict, JSON-serialisable.
+
+    Example:
+    >>> meta = preset_metadata(
+    ...     dict(image_shape=(16, 16, 3), patch_size=4, num_layers=2,
+    ...          num_heads=2, hidden_dim=8, mlp_dim=16, router="soft",
+    ...          num_experts=4, group_size=1),
+    ...     dict(num_classes=3), name="tiny", description="A tiny V-MoE.")
+    >>> meta["moe_layers"], meta["sequence_length"], meta["weights"]
+    ([1], 17, None)
+    """
+    cfg = cost.resolve_backbone_config(backbone_config)
+    d, n = cfg["hidden_dim"], classifier_config["num_classes"]
     rep = classifier_config.get("representation_size")
     params = cost.count_backbone_params(backbone_config)
     flops = cost.backbone_flops(backbone_config)
-    metadata = {
+    return {
         "name": name,
         "description": description,
         "parameter_count": params,
@@ -252,18 +257,14 @@ def preset_files(name, description, backbone_kwargs, classifier_kwargs):
         "flops_per_image": flops,
         "classifier_flops_per_image": flops + cost.head_flops(d, n, rep),
         "flops_convention": "forward pass, 2 x multiply-accumulates of matmuls and convolutions",
-        "router": resolved["router"],
-        "num_experts": resolved["num_experts"],
-        "moe_layers": list(resolved["moe_indices"]),
-        "sequence_length": resolved["seq_len"],
-        "weights": None,
+        "router": cfg["router"],
+        "num_experts": cfg["num_experts"],
+        "moe_layers": list(cfg["moe_layer_indices"]),
+        "sequence_length": cfg["sequence_length"],
+        "weights": weights,
         "keras_version": keras.version(),
         "tasks": ["ImageClassifier"],
-    }
-    return {
-        "config.json": _serialize(VisionMoEBackbone, backbone_config),
-        "task.json": _serialize(VisionMoEImageClassifier, classifier_config),
-        "metadata.json": metadata,
+        **extra,
     }
 
 
