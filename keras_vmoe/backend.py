@@ -143,3 +143,26 @@ def grouped_segment_sum(data, segment_ids, num_segments):
         num_segments=num_groups * num_segments,
     )
     return ops.reshape(flat, (num_groups, num_segments) + tail)
+
+
+def is_traced(x):
+    """Whether `x` is a traced or symbolic tensor rather than eager values.
+
+    JAX: a tracer (inside `jit`, `fit`, `predict`); TensorFlow: not
+    executing eagerly (inside a `tf.function`); torch: a meta tensor (Keras'
+    symbolic shapes) or inside `torch.compile`.
+    """
+    name = keras.backend.backend()
+    if name == "jax":
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
+    if name == "torch":
+        import torch
+
+        return x.device.type == "meta" or torch.compiler.is_compiling()
+    return False

@@ -11,6 +11,11 @@ model.fit(train_ds, epochs=10,
 """
 
 from keras_vmoe.callbacks.fewshot import FewShotEvaluator, model_group_size
-from keras_vmoe.callbacks.routing import RoutingStatistics
+from keras_vmoe.callbacks.routing import RoutingStatistics, tracking_statistics
 
-__all__ = ["FewShotEvaluator", "RoutingStatistics", "model_group_size"]
+__all__ = [
+    "FewShotEvaluator",
+    "RoutingStatistics",
+    "model_group_size",
+    "tracking_statistics",
+]

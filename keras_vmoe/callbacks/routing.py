@@ -3,14 +3,18 @@
 `write_scalars` writes numbers as TensorBoard scalar summaries with
 TensorFlow alone (`keras.callbacks.TensorBoard` needs the separate
 `tensorboard` package, which is not a dependency of keras_vmoe).
+`tracking_statistics` makes inference (e.g. `predict`) update the MoE
+layers' statistics for a while, which by default only training does.
 """
 
+import contextlib
 import os
+import warnings
 
 import keras
 from keras import ops
 
-from keras_vmoe.layers.moe import STATISTICS, MoE
+from keras_vmoe.layers.moe import STATISTICS, TRACK_STATISTICS, MoE
 
 
 def moe_layers(model):
@@ -20,6 +24,58 @@ def moe_layers(model):
         for layer in model._flatten_layers(include_self=False)
         if isinstance(layer, MoE)
     ]
+
+
+@contextlib.contextmanager
+def tracking_statistics(model, mode="always"):
+    """Sets `track_statistics` of every `MoE` layer of `model` in the block.
+
+    By default the MoE layers update their statistics variables on training
+    calls only; inside `with tracking_statistics(model):` every call of
+    `model` does (`mode="always"`), e.g. so that a callback can read the
+    statistics of each `predict` batch. The previous settings come back at
+    the end of the block. Because a compiled step keeps the setting it was
+    traced with, `model`'s compiled train, test and predict functions are
+    dropped at both ends of the block (Keras traces them again on their
+    next use) when the setting changes; other models sharing the layers
+    must not run their compiled steps inside the block.
+
+    Args:
+        model: a model containing `MoE` layers.
+        mode: str. One of `"training"`, `"always"`, `"never"` (see
+            `MoE`). Defaults to `"always"`.
+
+    Example:
+
+    ```python
+    with tracking_statistics(model):
+        model.predict(x, callbacks=[ReadsStatisticsAfterEachBatch()])
+    ```
+    """
+    if mode not in TRACK_STATISTICS:
+        raise ValueError(
+            f"`mode` must be one of {list(TRACK_STATISTICS)}, got {mode!r}."
+        )
+    layers = moe_layers(model)
+    previous = [layer.track_statistics for layer in layers]
+    changed = any(setting != mode for setting in previous)
+    for layer in layers:
+        layer.track_statistics = mode
+    if changed:
+        _drop_compiled_functions(model)
+    try:
+        yield
+    finally:
+        for layer, setting in zip(layers, previous):
+            layer.track_statistics = setting
+        if changed:
+            _drop_compiled_functions(model)
+
+
+def _drop_compiled_functions(model):
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
 
 
 def write_scalars(writer, values, step):
@@ -56,7 +112,8 @@ class RoutingStatistics(keras.callbacks.Callback):
     path, e.g. `encoder_block_3/moe`, keeps layers of the same name apart) with the
     statistics of the layer's last training batch: `auxiliary_loss`,
     `fraction_tokens_dropped`, `experts_per_token`, `load_imbalance` (max
-    over mean expert load). `History`, `CSVLogger` and
+    over mean expert load). Layers built with `track_statistics="never"`
+    are left out (with a warning). `History`, `CSVLogger` and
     `keras.callbacks.TensorBoard` see them when they come after this callback
     in the `callbacks` list. With `log_dir`, the callback also writes them
     to TensorBoard itself (tag = log key, step = epoch), without the
@@ -93,9 +150,16 @@ class RoutingStatistics(keras.callbacks.Callback):
         self.statistics = tuple(statistics)
         self._train_values = {}
 
+    def _layers(self):
+        return [
+            layer
+            for layer in moe_layers(self.model)
+            if layer.track_statistics != "never"
+        ]
+
     def _read(self):
         values = {}
-        for layer in moe_layers(self.model):
+        for layer in self._layers():
             for name in self.statistics:
                 value = ops.convert_to_numpy(getattr(layer, name))
                 values[f"routing/{getattr(layer, 'path', layer.name)}/{name}"] = float(
@@ -103,12 +167,26 @@ class RoutingStatistics(keras.callbacks.Callback):
                 )
         return values
 
+    def on_train_begin(self, logs=None):
+        untracked = [
+            getattr(layer, "path", layer.name)
+            for layer in moe_layers(self.model)
+            if layer.track_statistics == "never"
+        ]
+        if untracked:
+            warnings.warn(
+                f"RoutingStatistics: MoE layers {untracked} have "
+                '`track_statistics="never"`; their statistics are not logged.',
+                stacklevel=2,
+            )
+
     def on_epoch_begin(self, epoch, logs=None):
         self._train_values = {}
 
     def on_epoch_end(self, epoch, logs=None):
-        # Validation (if any) has run by now and overwritten the layer
-        # variables, so report what was captured after training.
+        # Validation (if any) has run by now; layers that track statistics
+        # "always" have overwritten them, so report what was read after
+        # training.
         values = self._train_values or self._read()
         if logs is not None:
             logs.update(values)

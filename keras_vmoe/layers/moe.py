@@ -1,24 +1,38 @@
 """`MoE`: the Mixture-of-Experts layer that replaces a transformer MLP."""
 
+import contextlib
+
 import keras
 from keras import ops
 
+from keras_vmoe import backend, routers
 from keras_vmoe.utils.checks import check_bool, check_positive_int
-from keras_vmoe.routers.registry import ROUTER_NAMES
 
-# Routing statistics kept as non-trainable variables, refreshed every call.
+# Routing statistics kept as non-trainable variables (see `track_statistics`).
 STATISTICS = (
     "auxiliary_loss",
     "fraction_tokens_dropped",
     "experts_per_token",
     "load_imbalance",
 )
+# When the statistics variables are updated: on training calls only, on
+# every call, or never.
+TRACK_STATISTICS = ("training", "always", "never")
 
 
 def _has_num_experts(layer):
     return isinstance(layer, keras.layers.Layer) and isinstance(
         getattr(layer, "num_experts", None), int
     )
+
+
+class _RoutingCapture:
+    # One open `capture_routing()` block: the routings of its eager calls
+    # and how many traced calls it could not record. A plain object, so
+    # that Keras' attribute tracking leaves the list alone.
+    def __init__(self):
+        self.routings = []
+        self.traced_calls = 0
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -38,12 +52,20 @@ class MoE(keras.layers.Layer):
     (other groups are unaffected), never a silently wrong routing.
 
     The router's auxiliary loss (mean over groups) is added with `add_loss`.
-    The latest routing statistics are kept in non-trainable variables named
-    after `STATISTICS` (read them with `routing_statistics()`).
+    The routing statistics of the latest training call are kept in
+    non-trainable variables named after `STATISTICS` (read them with
+    `routing_statistics()`, or log them with
+    `keras_vmoe.callbacks.RoutingStatistics` during `fit`);
+    `track_statistics` says which calls update them.
+
+    To observe the routing itself, call the layer (or a model containing
+    it) eagerly inside `with layer.capture_routing() as routings:`; each
+    call appends its `Routing` (see `capture_routing`).
 
     Args:
-        router: a router layer (e.g. `SoftmaxTokenChoiceRouter`) or a config
-            dict from `keras.layers.serialize`.
+        router: a `keras_vmoe.routers.Router` (e.g.
+            `SoftmaxTokenChoiceRouter`) or a config dict from
+            `keras.layers.serialize`.
         experts: an experts layer (e.g. `MlpExperts`) or its config dict.
         group_size: int. Tokens per routing group `S`.
         use_einsum_dispatch: bool. Use the dense reference path. Defaults to
@@ -58,6 +80,11 @@ class MoE(keras.layers.Layer):
             the same axis (`keras_vmoe.distribution.get_layout_map`). No-op
             without such a distribution or on other backends. Defaults to
             `"expert"`.
+        track_statistics: str. Which calls update the statistics
+            variables: `"training"` (calls with `training=True`, i.e.
+            `fit`; inference such as `predict` or `evaluate` neither
+            computes nor changes them), `"always"` (every call), or
+            `"never"`. Defaults to `"training"`.
         **kwargs: base layer arguments.
 
     Example:
@@ -66,8 +93,15 @@ class MoE(keras.layers.Layer):
     >>> from keras_vmoe.routers import SoftmaxExpertChoiceRouter
     >>> moe = MoE(SoftmaxExpertChoiceRouter(num_experts=4),
     ...           MlpExperts(num_experts=4, hidden_dim=32), group_size=8)
-    >>> tuple(moe(np.random.rand(2, 8, 16).astype("float32")).shape)
+    >>> x = np.random.rand(2, 8, 16).astype("float32")
+    >>> tuple(moe(x).shape)
     (2, 8, 16)
+
+    Observing the routing of an (eager) call, here of 2 groups of 8 tokens:
+    >>> with moe.capture_routing() as routings:
+    ...     _ = moe(x)
+    >>> tuple(routings[-1].combine_tensor().shape)  # (G, S, E, C)
+    (2, 8, 4, 4)
     """
 
     def __init__(
@@ -77,6 +111,7 @@ class MoE(keras.layers.Layer):
         group_size,
         use_einsum_dispatch=False,
         expert_axis="expert",
+        track_statistics="training",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -84,11 +119,11 @@ class MoE(keras.layers.Layer):
             router = keras.layers.deserialize(router)
         if isinstance(experts, dict):
             experts = keras.layers.deserialize(experts)
-        if not _has_num_experts(router):
+        if not isinstance(router, routers.Router):
             raise ValueError(
-                "`router` must be a router layer (one of `routers.get(name)` for "
-                f"{', '.join(ROUTER_NAMES)}, or a layer with an int `num_experts` "
-                f"whose call returns a `Routing`), got {router!r}."
+                "`router` must be a `keras_vmoe.routers.Router` layer (e.g. "
+                "`keras_vmoe.routers.get(name, num_experts=...)` for a name in "
+                f"{', '.join(routers.ROUTER_NAMES)}), got {router!r}."
             )
         if not _has_num_experts(experts):
             raise ValueError(
@@ -114,6 +149,83 @@ class MoE(keras.layers.Layer):
                 f"`expert_axis` must be a mesh axis name or None, got {expert_axis!r}."
             )
         self.expert_axis = expert_axis
+        self.track_statistics = track_statistics
+        self._routing_captures = ()  # open `_RoutingCapture`s
+
+    @property
+    def track_statistics(self):
+        """Which calls update the statistics: one of `TRACK_STATISTICS`."""
+        return self._track_statistics
+
+    @track_statistics.setter
+    def track_statistics(self, value):
+        if value not in TRACK_STATISTICS:
+            raise ValueError(
+                f"`track_statistics` must be one of {list(TRACK_STATISTICS)}, "
+                f"got {value!r}."
+            )
+        self._track_statistics = value
+
+    def _updates_statistics(self, training):
+        if self.track_statistics == "training":
+            return bool(training)
+        return self.track_statistics == "always"
+
+    @contextlib.contextmanager
+    def capture_routing(self):
+        """Records the `Routing` of every eager call of the layer in the block.
+
+        The record holds the router's own output on the layer's groups
+        (`(G, S, d)`: the call's tokens cut into `group_size` consecutive
+        tokens), so `dispatch_tensor()`, `combine_tensor()`, `statistics()`
+        etc. can be read from it. Works on every backend for eager calls:
+        `layer(x)` or `model(x)` on a model containing the layer. A call
+        traced by `predict`, `fit`, `evaluate`, a jit or a functional
+        model's construction has no values to hand over: it runs as usual,
+        unrecorded, and the block then ends with a `RuntimeError`. Blocks
+        may nest; each records every call.
+
+        Yields:
+            list, to which each call appends its `Routing`.
+
+        Raises:
+            RuntimeError: at the end of the block, if a traced call of the
+                layer ran inside it.
+
+        Example:
+
+        ```python
+        with moe.capture_routing() as routings:
+            model(images, training=False)
+        routing = routings[-1]
+        ```
+        """
+        capture = _RoutingCapture()
+        self._routing_captures += (capture,)
+        try:
+            yield capture.routings
+        finally:
+            self._routing_captures = tuple(
+                c for c in self._routing_captures if c is not capture
+            )
+        # Raised after the block, not inside the traced call: an error
+        # inside `predict` or `fit` could leave the model's state unsynced.
+        if capture.traced_calls:
+            raise RuntimeError(
+                f"MoE layer {self.name!r}: {capture.traced_calls} traced call(s) "
+                "(`predict`, `fit`, `evaluate`, a jit or a functional model's "
+                "construction) ran inside `capture_routing()` and could not be "
+                "recorded; it records eager calls only. Call the model directly "
+                "(`model(x)`) inside the block."
+            )
+
+    def _record_routing(self, routing, groups):
+        traced = backend.is_traced(groups)
+        for capture in self._routing_captures:
+            if traced:
+                capture.traced_calls += 1
+            else:
+                capture.routings.append(routing)
 
     def _group_shape(self, input_shape):
         if len(input_shape) != 3:
@@ -165,6 +277,8 @@ class MoE(keras.layers.Layer):
     def call(self, x, training=False):
         self._group_shape(x.shape)
         routing, groups = self.route(x, training)
+        if self._routing_captures:
+            self._record_routing(routing, groups)
         if self.use_einsum_dispatch:
             expert_inputs = routing.einsum_dispatch(groups)  # (E, G, C, d)
         else:
@@ -179,9 +293,10 @@ class MoE(keras.layers.Layer):
         outputs = self._poison_non_finite_groups(groups, outputs)
         if routing.auxiliary_loss is not None:
             self.add_loss(ops.mean(routing.auxiliary_loss))
-        stats = routing.statistics()
-        for name in STATISTICS:
-            getattr(self, name).assign(ops.cast(stats[name], "float32"))
+        if self._updates_statistics(training):
+            stats = routing.statistics()
+            for name in STATISTICS:
+                getattr(self, name).assign(ops.cast(stats[name], "float32"))
         return ops.reshape(ops.cast(outputs, x.dtype), ops.shape(x))
 
     def _expert_mesh(self):
@@ -238,7 +353,11 @@ class MoE(keras.layers.Layer):
         return ops.where(finite[:, None, None], outputs, nan)
 
     def routing_statistics(self):
-        """The latest routing statistics as Python floats."""
+        """The latest tracked routing statistics as Python floats.
+
+        With the default `track_statistics="training"`, those of the latest
+        training call (zeros before any).
+        """
         return {
             name: float(ops.convert_to_numpy(getattr(self, name)))
             for name in STATISTICS
@@ -256,6 +375,7 @@ class MoE(keras.layers.Layer):
                 "group_size": self.group_size,
                 "use_einsum_dispatch": self.use_einsum_dispatch,
                 "expert_axis": self.expert_axis,
+                "track_statistics": self.track_statistics,
             }
         )
         return config

@@ -1,7 +1,8 @@
 """Which expert each patch goes to: the data of the V-MoE routing pictures.
 
 For a few test images, the last MoE layer's routing is recorded during an
-ordinary (eager) forward pass and reduced to one expert id per patch:
+ordinary (eager) forward pass (`MoE.capture_routing`) and reduced to one
+expert id per patch:
 
 - sparse routers (Token and Expert Choice): the expert with the largest
   combine weight among those the patch reached (for Token Choice, the
@@ -12,45 +13,12 @@ ordinary (eager) forward pass and reduced to one expert id per patch:
   patch (every patch contributes to every slot, none is dropped).
 """
 
-import contextlib
-
 import numpy as np
 from keras import ops
 
+from keras_vmoe.routers import SparseRouting
+
 UNROUTED = -1
-
-
-@contextlib.contextmanager
-def recorded_routings(moe):
-    """Records the `Routing` of every call of an MoE layer inside the block.
-
-    Args:
-        moe: `keras_vmoe.layers.MoE`.
-
-    Yields:
-        list, filled with one `Routing` per call of the layer.
-
-    Example:
-
-    ```python
-    with recorded_routings(moe_layers(model)[-1]) as routings:
-        model(images)
-    routing = routings[-1]
-    ```
-    """
-    records = []
-    original = moe.route
-
-    def route(x, training=False):
-        routing, groups = original(x, training=training)
-        records.append(routing)
-        return routing, groups
-
-    moe.route = route  # instance attribute: shadows the method
-    try:
-        yield records
-    finally:
-        del moe.route
 
 
 def expert_per_token(routing):
@@ -63,14 +31,14 @@ def expert_per_token(routing):
         int array `(G, S)`.
 
     Example:
-    >>> from keras_vmoe.routers import Routing
+    >>> from keras_vmoe.routers import SparseRouting
     >>> # 1 group, 3 tokens, 2 experts of 1 slot: token 2 is dropped.
-    >>> r = Routing.sparse(np.array([[[1], [0]]]), np.ones((1, 2, 1), "float32"),
+    >>> r = SparseRouting(np.array([[[1], [0]]]), np.ones((1, 2, 1), "float32"),
     ...                    np.array([[[0.7], [0.6]]], "float32"), num_tokens=3)
     >>> expert_per_token(r).tolist()
     [[1, 0, -1]]
     """
-    if routing.is_sparse:
+    if isinstance(routing, SparseRouting):
         combine = ops.convert_to_numpy(routing.combine_tensor())  # (G, S, E, C)
         dispatch = ops.convert_to_numpy(routing.dispatch_tensor())
         weight = combine.sum(axis=-1)  # (G, S, E)
@@ -100,7 +68,7 @@ def last_routing(model, images):
     layers = moe_layers(model)
     if not layers:
         return None
-    with recorded_routings(layers[-1]) as routings:
+    with layers[-1].capture_routing() as routings:
         model(images, training=False)
     return routings[-1]
 
@@ -118,9 +86,9 @@ def patch_expert_maps(routing, tokens_per_image, grid):
         expert.
 
     Example:
-    >>> from keras_vmoe.routers import Routing
+    >>> from keras_vmoe.routers import SparseRouting
     >>> # 1 group of 1 image: class token + 2x2 patches, 2 experts, 1 slot.
-    >>> r = Routing.sparse(np.array([[[1], [4]]]), np.ones((1, 2, 1), "float32"),
+    >>> r = SparseRouting(np.array([[[1], [4]]]), np.ones((1, 2, 1), "float32"),
     ...                    np.ones((1, 2, 1), "float32"), num_tokens=5)
     >>> patch_expert_maps(r, tokens_per_image=5, grid=2).tolist()
     [[[0, -1], [-1, 1]]]

@@ -2,25 +2,36 @@ import keras
 import numpy as np
 import pytest
 
-from keras_vmoe.callbacks.routing import RoutingStatistics, moe_layers
+from keras_vmoe.callbacks.routing import (
+    RoutingStatistics,
+    moe_layers,
+    tracking_statistics,
+)
 from keras_vmoe.layers import MlpExperts, MoE
 from keras_vmoe.routers import SoftmaxExpertChoiceRouter
 
 
-def make_model():
+def make_model(track_statistics="training"):
     # E=4, groups of 12 tokens. Training capacity ceil(12 * 1.0 / 4) = 3,
     # rounded up to 4 slots; evaluation capacity ceil(12 * 2.0 / 4) = 6 -> 8.
     router = SoftmaxExpertChoiceRouter(4, capacity_factor=1.0, eval_capacity_factor=2.0)
     inputs = keras.Input((6, 8))
-    h = MoE(router, MlpExperts(4, 16), group_size=12, name="moe_a")(inputs)
+    h = MoE(
+        router,
+        MlpExperts(4, 16),
+        group_size=12,
+        track_statistics=track_statistics,
+        name="moe_a",
+    )(inputs)
     h = keras.layers.GlobalAveragePooling1D()(h)
     model = keras.Model(inputs, keras.layers.Dense(2)(h))
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 
 
-def test_logs_training_statistics_even_with_validation():
-    model = make_model()
+@pytest.mark.parametrize("track_statistics", ["training", "always"])
+def test_logs_training_statistics_even_with_validation(track_statistics):
+    model = make_model(track_statistics)
     assert [layer.name for layer in moe_layers(model)] == ["moe_a"]
     x = np.random.default_rng(0).normal(size=(24, 6, 8)).astype("float32")
     y = np.arange(24) % 2
@@ -114,3 +125,47 @@ def test_statistics_reach_tensorboard(tmp_path):
     assert scalars["routing/moe_a/experts_per_token"] == pytest.approx([4 / 3] * 2)
     with pytest.raises(ValueError, match="log_dir"):
         RoutingStatistics(log_dir=3)
+
+
+def test_layers_that_never_track_are_left_out_with_a_warning():
+    model = make_model("never")
+    x = np.random.default_rng(0).normal(size=(24, 6, 8)).astype("float32")
+    with pytest.warns(UserWarning, match="never"):
+        history = model.fit(
+            x,
+            np.arange(24) % 2,
+            batch_size=12,
+            callbacks=[RoutingStatistics()],
+            verbose=0,
+        )
+    assert not any(key.startswith("routing/") for key in history.history)
+
+
+def test_tracking_statistics_makes_predict_update_them():
+    model = make_model()
+    moe = moe_layers(model)[0]
+    x = np.random.default_rng(0).normal(size=(24, 6, 8)).astype("float32")
+    model.predict(x, batch_size=12, verbose=0)  # compiled without statistics
+    assert moe.routing_statistics()["experts_per_token"] == 0.0
+    seen = []
+
+    class Reader(keras.callbacks.Callback):
+        def on_predict_batch_end(self, batch, logs=None):
+            # On JAX, reading `self.model` syncs the variables first.
+            layer = moe_layers(self.model)[0]
+            seen.append(layer.routing_statistics()["experts_per_token"])
+
+    with tracking_statistics(model):
+        assert moe.track_statistics == "always"
+        model.predict(x, batch_size=12, verbose=0, callbacks=[Reader()])
+    # Evaluation capacity: E * C / S = 4 * 8 / 12 experts per token, per batch.
+    assert seen == pytest.approx([4 * 8 / 12] * 2)
+    assert moe.track_statistics == "training"
+    # Back to the layer's own setting, also in the compiled predict step.
+    moe.experts_per_token.assign(0.0)
+    model.predict(x, batch_size=12, verbose=0)
+    assert moe.routing_statistics()["experts_per_token"] == 0.0
+    with pytest.raises(ValueError, match="mode"):
+        with tracking_statistics(model, mode="sometimes"):
+            pass
+    assert moe.track_statistics == "training"

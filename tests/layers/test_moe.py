@@ -10,7 +10,7 @@ from keras import ops
 
 from keras_vmoe import routers
 from keras_vmoe.layers import MlpExperts, MoE
-from keras_vmoe.routers import Routing
+from keras_vmoe.routers import SparseRouting
 
 ROUTERS = ["softmax_token_choice", "softmax_expert_choice", "soft"]
 RNG = np.random.default_rng(0)
@@ -208,7 +208,7 @@ def test_index_path_never_builds_dense_routing_tensors(name, monkeypatch):
     def refuse(self, slot_values):
         raise AssertionError("dense (G, S, E, C) routing tensor built")
 
-    monkeypatch.setattr(Routing, "_slots_to_dense", refuse)
+    monkeypatch.setattr(SparseRouting, "_slots_to_dense", refuse)
     model = make_model(name)
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(X, np.array([0, 1, 2, 0]), batch_size=4, epochs=1, verbose=0)
@@ -273,3 +273,168 @@ def test_index_path_memory_is_linear_in_the_group(
     # one-hot of K*S choices over E experts) is at most a quarter of that.
     assert largest(True) >= dense_routing
     assert largest(False) <= dense_routing // 4
+
+
+# --------------------------------------------------------------------------
+# Observing the routing (`capture_routing`) and optional statistics.
+# --------------------------------------------------------------------------
+def _np(x):
+    return ops.convert_to_numpy(x)
+
+
+def _assert_same_routing(observed, expected):
+    assert type(observed) is type(expected)
+    np.testing.assert_allclose(
+        _np(observed.dispatch_tensor()), _np(expected.dispatch_tensor()), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        _np(observed.combine_tensor()), _np(expected.combine_tensor()), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_captured_routing_is_the_routers_routing_of_the_groups(name):
+    moe = make_moe(name)
+    moe(X)  # builds
+    with moe.capture_routing() as routings:
+        y = _np(moe(X))
+    assert len(routings) == 1
+    groups = X.reshape(2, 12, 8)  # 24 tokens, groups of 12 consecutive tokens
+    _assert_same_routing(routings[0], moe.router(groups, training=False))
+    # The captured routing is the one the outputs were computed with.
+    routing = routings[0]
+    expected = _np(routing.einsum_combine(moe.experts(routing.einsum_dispatch(groups))))
+    np.testing.assert_allclose(y, expected.reshape(X.shape), atol=1e-5)
+    assert "route" not in vars(moe)  # no monkey-patching
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_capture_routing_inside_an_eager_model_call(name):
+    model = make_model(name)
+    moe = model.get_layer("moe")
+    with moe.capture_routing() as outer:
+        model(X)
+        with moe.capture_routing() as inner:
+            model(X[:2])
+    model(X)  # after the blocks: recorded nowhere
+    assert len(outer) == 2 and len(inner) == 1
+    _assert_same_routing(outer[0], moe.router(X.reshape(2, 12, 8), training=False))
+    _assert_same_routing(outer[1], moe.router(X[:2].reshape(1, 12, 8), training=False))
+    assert inner[0] is outer[1]
+
+
+def test_capture_routing_refuses_traced_calls():
+    model = make_model("softmax_expert_choice")
+    moe = model.get_layer("moe")
+    expected = ops.convert_to_numpy(model(X))
+    if keras.backend.backend() == "torch":  # predict runs eagerly on torch
+        with moe.capture_routing() as routings:
+            model.predict(X, batch_size=2, verbose=0)
+        assert len(routings) == 2
+        return
+    with pytest.raises(RuntimeError, match="eager calls only"):
+        with moe.capture_routing() as routings:
+            outputs = model.predict(X, batch_size=2, verbose=0)
+            model(X)
+    # The traced call ran as usual, unrecorded; the eager one was recorded.
+    np.testing.assert_allclose(outputs, expected, atol=1e-5)
+    assert len(routings) == 1
+    assert moe._routing_captures == ()
+    np.testing.assert_allclose(model.predict(X, verbose=0), expected, atol=1e-5)
+
+
+def _statistics_model(track_statistics="training"):
+    # Expert Choice, E=4, groups of 12: training capacity ceil(12 * 1 / 4) = 3
+    # -> 4 (multiple of 4), evaluation capacity ceil(12 * 2 / 4) = 6 -> 8.
+    router = routers.SoftmaxExpertChoiceRouter(
+        4, capacity_factor=1.0, eval_capacity_factor=2.0
+    )
+    moe = MoE(
+        router,
+        MlpExperts(4, 16, seed=0),
+        group_size=12,
+        track_statistics=track_statistics,
+        name="moe",
+    )
+    inputs = keras.Input((6, 8))
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(moe(inputs)))
+    model = keras.Model(inputs, outputs)
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model, moe
+
+
+TRAIN_EXPERTS_PER_TOKEN = 4 * 4 / 12  # E * C / S
+EVAL_EXPERTS_PER_TOKEN = 4 * 8 / 12
+
+
+def test_statistics_by_default_only_in_training():
+    model, moe = _statistics_model()
+    assert moe.track_statistics == "training"
+    zeros = dict.fromkeys(moe.routing_statistics(), 0.0)
+    model(X)
+    moe(X)
+    model.predict(X, batch_size=2, verbose=0)
+    model.evaluate(X, np.array([0, 1, 0, 1]), batch_size=2, verbose=0)
+    assert moe.routing_statistics() == zeros
+    moe(X, training=True)
+    trained = moe.routing_statistics()
+    assert trained["experts_per_token"] == pytest.approx(TRAIN_EXPERTS_PER_TOKEN)
+    assert trained["load_imbalance"] == pytest.approx(1.0)
+    model.predict(X, batch_size=2, verbose=0)
+    moe(X)
+    assert moe.routing_statistics() == trained
+    # fit() updates them: reset, then train one step.
+    for name in trained:
+        getattr(moe, name).assign(0.0)
+    model.fit(X, np.array([0, 1, 0, 1]), batch_size=4, epochs=1, verbose=0)
+    assert moe.routing_statistics()["experts_per_token"] == pytest.approx(
+        TRAIN_EXPERTS_PER_TOKEN
+    )
+
+
+def test_statistics_always_and_never():
+    model, moe = _statistics_model("always")
+    model.predict(X, batch_size=2, verbose=0)
+    stats = moe.routing_statistics()
+    assert stats["experts_per_token"] == pytest.approx(EVAL_EXPERTS_PER_TOKEN)
+    moe(X, training=True)
+    assert moe.routing_statistics()["experts_per_token"] == pytest.approx(
+        TRAIN_EXPERTS_PER_TOKEN
+    )
+    model, moe = _statistics_model("never")
+    moe(X, training=True)
+    model.fit(X, np.array([0, 1, 0, 1]), batch_size=4, epochs=1, verbose=0)
+    assert moe.routing_statistics() == dict.fromkeys(moe.routing_statistics(), 0.0)
+    # The variables exist whatever the setting (checkpoints keep their paths).
+    names = {v.name for v in moe.non_trainable_variables}
+    assert set(moe.routing_statistics()) <= names
+
+
+def test_track_statistics_config_and_old_configs():
+    _, moe = _statistics_model("always")
+    config = moe.get_config()
+    assert config["track_statistics"] == "always"
+    clone = MoE.from_config(config)
+    assert clone.track_statistics == "always"
+    assert clone.get_config() == config
+    # A config saved before the option existed loads with the default.
+    del config["track_statistics"]
+    old = MoE.from_config(config)
+    assert old.track_statistics == "training"
+    y = old(X)
+    assert _np(y).shape == X.shape
+    assert old.routing_statistics()["experts_per_token"] == 0.0
+    with pytest.raises(ValueError, match="track_statistics"):
+        MoE(
+            routers.SoftRouter(4), MlpExperts(4, 8), group_size=4, track_statistics=True
+        )
+    with pytest.raises(ValueError, match="track_statistics"):
+        moe.track_statistics = "sometimes"
+
+
+def test_a_layer_with_num_experts_is_not_a_router():
+    with pytest.raises(ValueError, match="keras_vmoe.routers.Router") as error:
+        MoE(MlpExperts(4, 8), MlpExperts(4, 8), group_size=4)
+    # The message lists the routers registered at the time of the error.
+    for name in routers.ROUTER_NAMES:
+        assert name in str(error.value)
