@@ -199,9 +199,10 @@ By default the callback reads the `"pre_logits"` layer itself. A V-MoE
 routes the tokens of `group_size` images together, so every batch it sees
 must hold a whole number of groups, and the few-shot sets (here
 `25 * 10 = 250` images) rarely do. The callback takes care of it: it reads
-the group size from the model's backbone, extracts features in batches of
-whole groups and pads the last batch with zero images, whose features it
-drops.
+the group size from the model's backbone and extracts features with
+`keras_vmoe.evaluation.predict_in_groups`, which cuts the images into
+consecutive groups and fills a short last group with copies of its own
+images, whose features it drops.
 """
 
 print("routing group:", callbacks.model_group_size(model), "images")

@@ -14,58 +14,20 @@ set) and the numbers equal `fewshot_linear_accuracy` on features of the whole
 training set.
 
 A V-MoE routes the tokens of `group_size` images together, so it only runs
-on whole groups: the callback reads the group from the model
-(`model_group_size`), extracts features in batches of whole groups and pads
-a short last batch with zero images, whose features it drops.
+on whole groups: the callback extracts features with
+`keras_vmoe.evaluation.predict_in_groups` (the group read from the model
+by `model_group_size`), whose padding rule every evaluation of the package
+shares: a short last group is filled with copies of its own images, and the
+padding's features are dropped.
 """
 
 import numpy as np
-from keras import callbacks, ops
+from keras import callbacks
 
 from keras_vmoe.evaluation import fewshot as fs
+from keras_vmoe.evaluation.grouped import model_group_size, predict_in_groups
 
 PRE_LOGITS_LAYER = "pre_logits"
-
-
-def model_group_size(model):
-    """Images a keras_vmoe model routes together; 1 for other models.
-
-    The `group_size` of the model's `backbone` (or of the model itself when
-    it is a backbone) if it has a router and MoE layers, else 1.
-
-    Args:
-        model: keras.Model. Usually a `VisionMoEImageClassifier`.
-
-    Returns:
-        int. Every batch the model runs must be a multiple of it.
-
-    Example:
-    >>> from keras_vmoe.models import VisionMoEBackbone
-    >>> backbone = VisionMoEBackbone(
-    ...     image_shape=(8, 8, 1), patch_size=4, num_layers=2, num_heads=1,
-    ...     hidden_dim=8, mlp_dim=8, router="soft", num_experts=2, group_size=3)
-    >>> model_group_size(backbone)
-    3
-    >>> import keras
-    >>> model_group_size(keras.Sequential([keras.layers.Dense(2)]))
-    1
-    """
-    backbone = getattr(model, "backbone", model)
-    if backbone is None or getattr(backbone, "router", None) is None:
-        return 1
-    if not getattr(backbone, "moe_layer_indices", (1,)):
-        return 1
-    return int(getattr(backbone, "group_size", 1) or 1)
-
-
-def _pad_to_groups(images, group_size):
-    """`images` followed by zero images, up to a multiple of `group_size`."""
-    images = np.asarray(images)
-    missing = -len(images) % group_size
-    if not missing:
-        return images
-    zeros = np.zeros((missing,) + images.shape[1:], images.dtype)
-    return np.concatenate([images, zeros])
 
 
 def _is_dataset(obj):
@@ -171,12 +133,14 @@ class FewShotEvaluator(callbacks.Callback):
     `keras_vmoe.data.eval_pipeline` or `load_arrays`).
 
     Models that route images in groups (`model_group_size`: a keras_vmoe
-    classifier's `backbone.group_size`) get whole groups: `batch_size` is
-    rounded down to a multiple of the group, and a batch that is short of
-    whole groups (the last one, or any batch of a batched Dataset) is
-    padded with zero images before the feature model or `feature_fn` sees
-    it; the padding's features are dropped. As in any batch, the images
-    that share a group with the padding are routed together with it.
+    classifier's `backbone.group_size`) get whole groups, through
+    `keras_vmoe.evaluation.predict_in_groups`: `batch_size` is rounded down
+    to a multiple of the group, the images of a set (an array, or all the
+    batches of a Dataset in order) are cut into consecutive groups, and a
+    short last group is filled with copies of its own images before the
+    feature model or `feature_fn` sees it; the padding's features are
+    dropped. As in any batch, the images that share a group with the
+    padding are routed together with it.
 
     Args:
         datasets: dict. Maps a name to `(train, test)`; each of those is an
@@ -289,6 +253,57 @@ class FewShotEvaluator(callbacks.Callback):
             if not _is_dataset(train):  # fail early on too few examples
                 self._probe_set(name)
 
+    @classmethod
+    def from_dataset_names(
+        cls,
+        names,
+        image_shape,
+        shots=fs.DEFAULT_SHOTS,
+        l2_regs=(fs.DEFAULT_L2,),
+        data_dir=None,
+        **kwargs,
+    ):
+        """An evaluator over bundled or prepared TFDS datasets, by name.
+
+        Each dataset's train split is the few-shot pool and its test split
+        the test set, loaded in memory with `keras_vmoe.data.load_arrays`
+        at the model's input size (the whole image resized, no crop).
+
+        Args:
+            names: sequence of str. Dataset names (e.g. `("digits",)`).
+            image_shape: tuple. `(height, width, channels)` of the model
+                input (`keras_vmoe.evaluation.model_image_shape(model)`).
+            shots: sequence of int. Examples per class. Defaults to
+                `(1, 5, 10, 25)`.
+            l2_regs: sequence of float. Ridge strengths. Defaults to
+                `(2.0**10,)`.
+            data_dir: str or None. TFDS data directory. Defaults to `None`.
+            **kwargs: other `FewShotEvaluator` arguments (`every_n_epochs`,
+                `seed`, `batch_size`, ...).
+
+        Returns:
+            `FewShotEvaluator`.
+
+        Example:
+        >>> evaluator = FewShotEvaluator.from_dataset_names(
+        ...     ["digits"], (8, 8, 1), shots=(1, 5))
+        >>> evaluator.datasets["digits"][0][0].shape
+        (1437, 8, 8, 1)
+        """
+        from keras_vmoe import data
+
+        h, w, c = image_shape
+        datasets = {
+            name: tuple(
+                data.load_arrays(
+                    name, split, image_size=(h, w), data_dir=data_dir, channels=c
+                )
+                for split in ("train", "test")
+            )
+            for name in names
+        }
+        return cls(datasets, shots=shots, l2_regs=l2_regs, **kwargs)
+
     # Few-shot training subsets (drawn once).
 
     def _probe_set(self, name):
@@ -334,21 +349,21 @@ class FewShotEvaluator(callbacks.Callback):
 
     # Features.
 
-    def _features_of(self, model, images):
-        """Features of one batch, run as whole routing groups."""
-        count = len(images)
-        images = _pad_to_groups(images, model_group_size(model))
+    def _feature_runner(self, model):
+        """`fn(batch) -> features` of a batch of whole routing groups."""
         if self.feature_fn is not None:
-            out = self.feature_fn(model, images)
-        else:
-            out = self._default_feature_model(model).predict_on_batch(images)
-        out = np.asarray(ops.convert_to_numpy(out))
-        return out.reshape(out.shape[0], -1)[:count]
+            return lambda images: self.feature_fn(model, images)
+        return self._default_feature_model(model).predict_on_batch
 
-    def _batch_size_for(self, model):
-        """`batch_size` rounded down to whole routing groups (at least one)."""
-        group = model_group_size(model)
-        return max(group, self.batch_size // group * group)
+    def _features(self, model, images):
+        """`(n, d)` features of an array or an iterable of image batches."""
+        out = predict_in_groups(
+            self._feature_runner(model),
+            images,
+            self.batch_size,
+            group_size=model_group_size(model),
+        )
+        return out.reshape(out.shape[0], -1)
 
     def _default_feature_model(self, model):
         if self._feature_model_of is not model:
@@ -367,24 +382,18 @@ class FewShotEvaluator(callbacks.Callback):
             self._feature_model_of = model
         return self._feature_model
 
-    def _array_features(self, model, images):
-        step = self._batch_size_for(model)
-        return np.concatenate(
-            [
-                self._features_of(model, images[i : i + step])
-                for i in range(0, len(images), step)
-            ]
-        )
-
     def _test_features(self, model, test):
         if not _is_dataset(test):
-            return self._array_features(model, test[0]), test[1]
-        feats, labels = [], []
-        step = self._batch_size_for(model)
-        for images, batch_labels in _iterate_batches(test, step):
-            feats.append(self._features_of(model, images))
-            labels.append(batch_labels)
-        return np.concatenate(feats), np.concatenate(labels)
+            return self._features(model, test[0]), test[1]
+        labels = []
+
+        def images():  # the Dataset's images, in order; keeps the labels
+            for batch_images, batch_labels in _iterate_batches(test, self.batch_size):
+                labels.append(batch_labels)
+                yield batch_images
+
+        features = self._features(model, images())
+        return features, np.concatenate(labels)
 
     # Evaluation.
 
@@ -415,7 +424,7 @@ class FewShotEvaluator(callbacks.Callback):
         per_seed = {seed: {} for seed in self.seeds}
         for name, (_, test) in self.datasets.items():
             images, labels, rows, classes = self._probe_set(name)
-            train_features = self._array_features(model, images)
+            train_features = self._features(model, images)
             test_features, test_labels = self._test_features(model, test)
             for seed in self.seeds:
                 per_seed[seed][name] = {

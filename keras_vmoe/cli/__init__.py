@@ -77,4 +77,3 @@ def main(argv=None):
     except UsageError as error:
         print(f"keras-vmoe {args.command}: error: {error}", file=sys.stderr)
         return 2
-

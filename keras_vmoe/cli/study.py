@@ -67,17 +67,17 @@ def parse_models(text):
     from keras_vmoe.cli.errors import UsageError
 
     if text.strip().lower() == "all":
-        return study_config.MODEL_NAMES
+        return study_config.model_names()
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise UsageError("--routers is empty; give 'all' or router names.")
-    unknown = [n for n in names if n not in study_config.MODEL_NAMES]
+    unknown = [n for n in names if n not in study_config.model_names()]
     if unknown:
         raise UsageError(
             f"unknown router {unknown[0]!r} in --routers; choose 'all' or from: "
-            f"{', '.join(study_config.MODEL_NAMES)}."
+            f"{', '.join(study_config.model_names())}."
         )
-    return tuple(n for n in study_config.MODEL_NAMES if n in names)
+    return tuple(n for n in study_config.model_names() if n in names)
 
 
 def _check_output(path):

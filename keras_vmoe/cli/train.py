@@ -34,15 +34,9 @@ folder, its logs and the trained preset).
 
 import os
 
-from keras_vmoe.cli.eval import (
-    check_dataset,
-    fewshot_evaluator,
-    format_table,
-    num_classes_of,
-    one_line,
-)
 from keras_vmoe.cli import train_outputs as run_outputs
 from keras_vmoe.cli import train_setup as run_setup
+from keras_vmoe.cli.common import check_dataset, format_table, one_line
 from keras_vmoe.cli.train_arguments import (
     add_arguments,  # noqa: F401 (keras_vmoe.cli calls command.add_arguments)
     plan_steps,
@@ -96,13 +90,14 @@ def run(args, callbacks=None):
 
     import keras
 
-    from keras_vmoe.callbacks import RoutingStatistics
-    from keras_vmoe.cli.eval import model_group_size, model_image_shape
+    from keras_vmoe import data
+    from keras_vmoe.callbacks import FewShotEvaluator, RoutingStatistics
+    from keras_vmoe.evaluation import model_group_size, model_image_shape
     from keras_vmoe.training.recipe import BackupAndRestoreWithRNG
 
     # === The model ===
     keras.utils.set_random_seed(cfg["seed"])
-    num_classes = num_classes_of(cfg["dataset"], cfg["data_dir"])
+    num_classes = data.num_classes(cfg["dataset"], cfg["data_dir"])
     model = run_setup.build_model(cfg, num_classes)
     group = model_group_size(model)
     if cfg["batch_size"] % group:
@@ -115,7 +110,7 @@ def run(args, callbacks=None):
     evaluator = None
     if cfg["fewshot_list"]:
         try:
-            evaluator = fewshot_evaluator(
+            evaluator = FewShotEvaluator.from_dataset_names(
                 cfg["fewshot_list"],
                 image_shape,
                 cfg["shots_list"],

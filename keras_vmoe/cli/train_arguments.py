@@ -11,7 +11,7 @@ import json
 import math
 import os
 
-from keras_vmoe.cli.eval import (
+from keras_vmoe.cli.common import (
     DEFAULT_SHOTS,
     one_line,
     parse_int_list,

@@ -191,36 +191,22 @@ def save_trained_preset(model, cfg, recipe, total, epochs):
 
 def write_metadata(preset_dir, model, cfg, recipe, total, epochs, final):
     """Adds sizes, cost and the training run to the preset's metadata.json."""
-    from keras_vmoe.models.vision_moe import cost
+    from keras_vmoe.models.vision_moe.presets import preset_metadata
 
     path = os.path.join(preset_dir, "metadata.json")
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
-    backbone_config = model.backbone.get_config()
-    resolved = cost.resolve_backbone_config(backbone_config)
-    d = resolved["hidden_dim"]
-    rep = getattr(model, "representation_size", None)
-    params = cost.count_backbone_params(backbone_config)
-    flops = cost.backbone_flops(backbone_config)
     meta.update(
-        {
-            "name": os.path.basename(os.path.normpath(cfg["output"])),
-            "description": (
+        preset_metadata(
+            model.backbone.get_config(),
+            model.get_config(),
+            name=os.path.basename(os.path.normpath(cfg["output"])),
+            description=(
                 f"{cfg['preset']} trained on {cfg['dataset']} for {total} steps "
                 "by keras-vmoe train."
             ),
-            "parameter_count": params,
-            "classifier_parameter_count": params
-            + cost.count_head_params(d, model.num_classes, rep),
-            "flops_per_image": flops,
-            "classifier_flops_per_image": flops
-            + cost.head_flops(d, model.num_classes, rep),
-            "router": resolved["router"],
-            "num_experts": resolved["num_experts"],
-            "moe_layers": list(resolved["moe_indices"]),
-            "sequence_length": resolved["seq_len"],
-            "weights": "trained",
-            "training": {
+            weights="trained",
+            training={
                 "dataset": cfg["dataset"],
                 "train_split": cfg["train_split"],
                 "eval_split": cfg["eval_split"],
@@ -233,7 +219,7 @@ def write_metadata(preset_dir, model, cfg, recipe, total, epochs, final):
                 "source_preset": str(cfg["preset"]),
                 "final_metrics": final,
             },
-        }
+        )
     )
     with open(path, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=4)

@@ -3,10 +3,12 @@
 `build_model` and `compile_for_run` make the classifier from the run's
 settings (`keras_vmoe.cli.train_arguments`); `training_stream` is the
 endless, resumable stream of training batches, and `validation_data` the
-evaluation split padded to whole routing groups.
+evaluation split padded to whole routing groups
+(`keras_vmoe.evaluation.group_padded`, the padding rule of
+`keras_vmoe.evaluation.predict_in_groups`).
 """
 
-from keras_vmoe.cli.eval import crop_fraction_for, group_padded, one_line
+from keras_vmoe.cli.common import one_line
 from keras_vmoe.cli.train_arguments import usage_error
 
 MAX_SHUFFLE_BUFFER = 10_000
@@ -37,15 +39,21 @@ def build_model(cfg, num_classes):
 def compile_for_run(model, cfg, total_steps):
     """Compiles `model` with the run's recipe; returns the recipe's name.
 
-    `--recipe auto` is the Soft MoE recipe for Soft MoE models with average
-    pooling, else the V-MoE recipe.
+    `--recipe auto` is the Soft MoE recipe for models whose router returns
+    a `SoftRouting` (Soft MoE) and that pool by averaging, else the V-MoE
+    recipe.
     """
+    from keras_vmoe.routers import SoftRouting, get_class
     from keras_vmoe.training.recipe import compile_with_recipe
 
     recipe = cfg["recipe"]
     if recipe == "auto":
         backbone = model.backbone
-        soft = backbone.router == "soft" and backbone.pooling == "gap"
+        soft = (
+            backbone.router is not None
+            and issubclass(get_class(backbone.router).routing_class, SoftRouting)
+            and backbone.pooling == "gap"
+        )
         recipe = "soft_moe" if soft else "vmoe"
     try:
         compile_with_recipe(
@@ -168,13 +176,14 @@ def training_data(cfg, image_shape, batches_per_pass, start_step, num_train):
 def validation_data(cfg, image_shape, group_size):
     """`--eval-split` batches padded to whole groups (padding weighs 0)."""
     from keras_vmoe import data
+    from keras_vmoe.evaluation import group_padded
 
     return group_padded(
         data.eval_pipeline(
             data.load(cfg["dataset"], cfg["eval_split"], data_dir=cfg["data_dir"]),
             image_shape[:2],
             cfg["batch_size"],
-            crop_fraction=crop_fraction_for(cfg["dataset"]),
+            crop_fraction=data.eval_crop_fraction(cfg["dataset"]),
             channels=image_shape[2],
         ),
         group_size,

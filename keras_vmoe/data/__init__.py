@@ -5,6 +5,8 @@
   locally, other TFDS datasets must be prepared already (never online by
   default).
 - `load_arrays(name, split, image_size=None, ...)`: NumPy images in [-1, 1].
+- `num_classes(name)` and `eval_crop_fraction(name)`: a dataset's classes
+  and its evaluation crop.
 - `train_pipeline(ds, image_size, batch_size, ...)` and `eval_pipeline(...)`:
   `(images, labels)` batches for `model.fit` / `evaluate` on every backend.
 - TFDS builders `AnimalMnist` (`animal_mnist`, 8,000 / 2,000) and `Digits`
@@ -31,7 +33,13 @@ from keras_vmoe.data.bundled import (
     bundled_arrays,
     split_indices,
 )
-from keras_vmoe.data.loading import DatasetNotPreparedError, load, load_arrays
+from keras_vmoe.data.loading import (
+    DatasetNotPreparedError,
+    eval_crop_fraction,
+    load,
+    load_arrays,
+    num_classes,
+)
 from keras_vmoe.data.pipelines import eval_pipeline, train_pipeline
 
 __all__ = [
@@ -44,9 +52,11 @@ __all__ = [
     "Digits",
     "SPLIT_SIZES",
     "bundled_arrays",
+    "eval_crop_fraction",
     "eval_pipeline",
     "load",
     "load_arrays",
+    "num_classes",
     "split_indices",
     "train_pipeline",
 ]

@@ -207,3 +207,42 @@ def load_arrays(name, split, image_size=None, data_dir=None, channels=None):
     if not xs:
         raise ValueError(f"Split {split!r} of {name!r} is empty.")
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+
+
+def num_classes(name, data_dir=None):
+    """Number of classes of a bundled or TFDS dataset (its `label` feature).
+
+    Args:
+        name: str. `"animal_mnist"`, `"digits"` or a TFDS dataset name.
+        data_dir: str. TFDS data directory. Defaults to `None`.
+
+    Returns:
+        int.
+
+    Example:
+    >>> num_classes("digits")
+    10
+    """
+    if name in bundled.CLASS_NAMES:
+        return len(bundled.CLASS_NAMES[name])
+    return int(tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes)
+
+
+def eval_crop_fraction(name):
+    """The evaluation crop of a dataset, for `eval_pipeline(crop_fraction=...)`.
+
+    `None` (resize the whole image) for the small bundled datasets, whose
+    objects fill the image; `0.875` (ImageNet-style central crop) for any
+    other dataset.
+
+    Args:
+        name: str. Dataset name.
+
+    Returns:
+        float or None.
+
+    Example:
+    >>> eval_crop_fraction("digits"), eval_crop_fraction("cifar10")
+    (None, 0.875)
+    """
+    return None if name in bundled.BUNDLED_NAMES else 0.875

@@ -22,12 +22,12 @@ result = run_study(QUICK, ["dense", "soft"], seeds=1, output_dir="/tmp/study")
 from keras_vmoe.study.config import (
     DEFAULT,
     DENSE,
-    MODEL_NAMES,
     QUICK,
     StudyConfig,
     backbone_config,
     describe_equal_compute,
     equal_compute,
+    model_names,
 )
 
 _LAZY = {
@@ -50,7 +50,7 @@ def __getattr__(name):
 __all__ = [
     "DEFAULT",
     "DENSE",
-    "MODEL_NAMES",
+    "model_names",
     "QUICK",
     "StudyConfig",
     "backbone_config",

@@ -5,17 +5,14 @@ routers at a fixed compute budget. Here every sparse router processes the
 same number of expert slots per group, and the dense ViT does the same MLP
 work per token:
 
-- Token Choice (softmax, Sinkhorn): `K` experts per token at capacity
-  factor `c`: `C = ceil(S * K * c / E)` slots per expert (Token Choice counts
-  `S * K` token choices).
-- Expert Choice (softmax, Sinkhorn, sparsity-constrained): capacity factor
-  `K * c`: `C = ceil(S * K * c / E)`, the same number.
-- Soft MoE: `C` slots per expert (= `round(K * c * S / E)` whenever that is
-  an integer, as in the defaults).
-
-Capacities are not rounded up to a multiple of 4 (`capacity_multiple_of=1`)
-and evaluation uses the training capacity, so all six routers run `E * C`
-expert slots per group, in training and in evaluation alike. The experts'
+the budget is `C = ceil(S * K * c / E)` slots per expert (what Token Choice
+with `K` experts per token at capacity factor `c` fills), and each router's
+`equal_compute_config` (in its own file under `keras_vmoe/routers/`) gives
+the settings that fill exactly `C` slots: Token Choice `K` experts per token
+with capacity `C`, Expert Choice capacity `C`, Soft MoE `C` slots per
+expert. Capacities are not rounded up to a multiple of 4 and evaluation uses
+the training capacity, so every router runs `E * C` expert slots per group,
+in training and in evaluation alike. The experts'
 hidden size is `mlp_dim / K`, so the `K * c` slots per token cost what one
 dense MLP of hidden size `mlp_dim` costs at `c = 1`: the dense ViT (all
 blocks dense, hidden size `mlp_dim`) has the per-token MLP compute of the
@@ -25,18 +22,14 @@ MoE models with `K = 2`, `c = 1`; the MoE models only add their routers.
 import dataclasses
 import math
 
-from keras_vmoe.routers.capacity import compute_capacity
-from keras_vmoe.routers.registry import ROUTER_NAMES
+from keras_vmoe.routers import ComputeBudget, get_class, router_names
 
 DENSE = "dense"
-MODEL_NAMES = (DENSE,) + tuple(ROUTER_NAMES)
-TOKEN_CHOICE = ("softmax_token_choice", "sinkhorn_token_choice")
-EXPERT_CHOICE = (
-    "softmax_expert_choice",
-    "sinkhorn_expert_choice",
-    "sparsity_constrained_expert_choice",
-)
-SOFT = "soft"
+
+
+def model_names():
+    """`"dense"` and every registered router name (routers added later too)."""
+    return (DENSE,) + router_names()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,27 +232,18 @@ def equal_compute(config):
     >>> plan = equal_compute(StudyConfig())  # S = 4 * 17 = 68, E = 8, K = 2
     >>> plan["slots_per_expert"], plan["slots_per_group"]  # ceil(68*2/8) = 17
     (17, 136)
-    >>> plan["router_configs"]["softmax_expert_choice"]["capacity_factor"]
-    2.0
+    >>> plan["router_configs"]["softmax_expert_choice"]
+    {'capacity': 17, 'capacity_multiple_of': 1}
     >>> plan["router_configs"]["soft"]
     {'num_slots': 17}
     """
     s, e = config.tokens_per_group, config.num_experts
     k, c = config.num_selected_experts, float(config.capacity_factor)
-    slots = compute_capacity(s * k, e, capacity_factor=c, multiple_of=1)
-    token_choice = {
-        "num_selected_experts": k,
-        "capacity_factor": c,
-        "capacity_multiple_of": 1,
+    budget = ComputeBudget.from_capacity_factor(s, e, k, c)
+    slots = budget.slots_per_expert
+    router_configs = {
+        name: get_class(name).equal_compute_config(budget) for name in router_names()
     }
-    expert_choice = {"capacity_factor": k * c, "capacity_multiple_of": 1}
-    if compute_capacity(s, e, capacity_factor=k * c, multiple_of=1) != slots:
-        # Floating-point rounding of S * (K * c) vs (S * K) * c at an exact
-        # integer: give Expert Choice the capacity itself.
-        expert_choice = {"capacity": slots, "capacity_multiple_of": 1}
-    router_configs = {name: dict(token_choice) for name in TOKEN_CHOICE}
-    router_configs.update({name: dict(expert_choice) for name in EXPERT_CHOICE})
-    router_configs[SOFT] = {"num_slots": slots}
     return {
         "tokens_per_group": s,
         "images_per_group": config.group_size,
@@ -284,12 +268,12 @@ def describe_equal_compute(config):
         f"Equal compute: every router fills E x C = {p['num_experts']} x "
         f"{p['slots_per_expert']} = {p['slots_per_group']} expert slots per group "
         f"of {p['images_per_group']} images (S = {p['tokens_per_group']} tokens), "
-        f"{p['slots_per_token']:.3g} per token: Token Choice K = "
-        f"{p['num_selected_experts']} at capacity factor c = "
-        f"{p['capacity_factor']:g} (C = ceil(S*K*c/E) = ceil({exact:g})), Expert "
-        f"Choice at factor K*c = {p['num_selected_experts'] * p['capacity_factor']:g}"
-        f", Soft MoE with {p['slots_per_expert']} slots per expert; no rounding to "
-        "multiples of 4, same capacity in training and evaluation. Experts have "
+        f"{p['slots_per_token']:.3g} per token, C = ceil(S*K*c/E) = "
+        f"ceil({exact:g}) for K = {p['num_selected_experts']} and capacity factor "
+        f"c = {p['capacity_factor']:g}: Token Choice with K = "
+        f"{p['num_selected_experts']} and capacity C, Expert Choice with capacity "
+        f"C, Soft MoE with C slots per expert; no rounding to multiples of 4, "
+        "same capacity in training and evaluation. Experts have "
         f"{p['expert_hidden_dim']} hidden units (mlp_dim / K), so the expert "
         f"compute per token equals the dense ViT's MLP ({p['dense_mlp_dim']} hidden "
         f"units) at c = 1: the dense ViT matches K = {p['num_selected_experts']}, "
@@ -323,8 +307,8 @@ def backbone_config(config, model_name):
     }
     if model_name == DENSE:
         return {**args, "router": None}
-    if model_name not in ROUTER_NAMES:
-        raise ValueError(f"Unknown model {model_name!r}; choose from {MODEL_NAMES}.")
+    if model_name not in router_names():
+        raise ValueError(f"Unknown model {model_name!r}; choose from {model_names()}.")
     return {
         **args,
         "router": model_name,

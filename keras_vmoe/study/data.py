@@ -97,27 +97,3 @@ def load_study_data(config):
         class_names=tuple(names[c] for c in (classes or range(len(names)))),
         fewshot=fewshot,
     )
-
-
-def pad_to_multiple(x, multiple):
-    """Pads `x` along axis 0 with its first rows up to a multiple of `multiple`.
-
-    Evaluation batches must hold whole routing groups; padding with real
-    images (rather than zeros) keeps the groups of the last batch natural.
-    The caller drops the outputs of the padding.
-
-    Args:
-        x: array `(N, ...)`.
-        multiple: int.
-
-    Returns:
-        array `(M, ...)` with `M >= N` a multiple of `multiple`.
-
-    Example:
-    >>> pad_to_multiple(np.arange(5), 4)
-    array([0, 1, 2, 3, 4, 0, 1, 2])
-    """
-    missing = -len(x) % multiple
-    if not missing:
-        return x
-    return np.concatenate([x, np.resize(x, (missing,) + x.shape[1:])])

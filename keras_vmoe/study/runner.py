@@ -11,16 +11,19 @@ import time
 import keras
 import numpy as np
 
-from keras_vmoe.callbacks.routing import moe_layers
-from keras_vmoe.evaluation import fewshot_linear_accuracy
+from keras_vmoe.callbacks.routing import moe_layers, tracking_statistics
+from keras_vmoe.evaluation import (
+    fewshot_linear_accuracy,
+    model_group_size,
+    pad_to_groups,
+    predict_in_groups,
+)
 from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
 from keras_vmoe.models.vision_moe.cost import backbone_flops, head_flops
 from keras_vmoe.study import config as study_config
-from keras_vmoe.study.data import pad_to_multiple
 from keras_vmoe.study.progress import ProgressCallback, ThroughputTimer
 from keras_vmoe.study.routing_maps import last_routing, patch_expert_maps
-from keras_vmoe.training.optimizer import DecoupledWeightDecayAdam
-from keras_vmoe.training.schedules import WarmupLinearDecay
+from keras_vmoe.training.recipe import compile_with_recipe
 
 PRE_LOGITS = "pre_logits"
 
@@ -66,16 +69,23 @@ def build_model(config, model_name, num_classes):
 
 
 def _compile(model, config, total_steps):
-    schedule = WarmupLinearDecay(
-        config.learning_rate,
+    """The V-MoE recipe (`compile_with_recipe`) with the study's settings.
+
+    Adam (0.9, 0.999, global norm clipping 1.0) with decoupled weight decay
+    `config.weight_decay` on every kernel; linear warmup over
+    `study_config.warmup_steps` steps to `config.learning_rate`, then
+    linear decay to 1e-5; softmax cross-entropy and top-1 accuracy.
+    """
+    compile_with_recipe(
+        model,
+        "vmoe",
         total_steps=total_steps,
+        peak_learning_rate=config.learning_rate,
         warmup_steps=study_config.warmup_steps(config, total_steps),
+        weight_decay=config.weight_decay,
+        loss="softmax",
+        jit_compile=config.jit_compile,
     )
-    optimizer = DecoupledWeightDecayAdam(
-        schedule, weight_decay_rules=[(r"kernel$", config.weight_decay)]
-    )
-    # Softmax cross-entropy and top-1 accuracy (the classifier's defaults).
-    model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
 
 
 def _train_dataset(x, y, batch_size, seed):
@@ -93,15 +103,11 @@ def _train_dataset(x, y, batch_size, seed):
     return ds.batch(batch_size, drop_remainder=True).prefetch(2)
 
 
-def _predict(model, x, batch_size, callbacks=()):
-    """Outputs on `x`, in batches of whole routing groups (padded, trimmed)."""
-    outputs = model.predict(
-        pad_to_multiple(x, batch_size),
-        batch_size=batch_size,
-        verbose=0,
-        callbacks=list(callbacks),
+def _predict(model, x, batch_size, group_size, callbacks=None):
+    """Outputs on `x`, run as whole routing groups (`predict_in_groups`)."""
+    return predict_in_groups(
+        model, x, batch_size, group_size=group_size, callbacks=callbacks
     )
-    return [np.asarray(o)[: len(x)] for o in outputs]
 
 
 def _mean_over_layers(stats, name):
@@ -165,12 +171,16 @@ def train_and_evaluate(config, model_name, seed, data, progress=None):
         model.input, [model.output, model.get_layer(PRE_LOGITS).output]
     )
     averager = RoutingStatisticsAverager()
-    logits, _ = _predict(evaluator, data.x_test, config.eval_batch_size, [averager])
+    group = model_group_size(model)  # `evaluator` has no backbone attribute
+    with tracking_statistics(evaluator):  # inference skips statistics by default
+        logits, _ = _predict(
+            evaluator, data.x_test, config.eval_batch_size, group, [averager]
+        )
     test_accuracy = float(np.mean(logits.argmax(axis=-1) == data.y_test))
     stats = averager.averages() if moe_layers(model) else {}
     fs = data.fewshot
-    _, f_train = _predict(evaluator, fs["x_train"], config.eval_batch_size)
-    _, f_test = _predict(evaluator, fs["x_test"], config.eval_batch_size)
+    _, f_train = _predict(evaluator, fs["x_train"], config.eval_batch_size, group)
+    _, f_test = _predict(evaluator, fs["x_test"], config.eval_batch_size, group)
     fewshot = fewshot_linear_accuracy(
         f_train,
         fs["y_train"],
@@ -181,11 +191,13 @@ def train_and_evaluate(config, model_name, seed, data, progress=None):
         seed=seed,
     )
     n_maps = -(-config.routing_images // config.group_size) * config.group_size
-    routing = last_routing(model, data.x_test[:n_maps])
+    map_images = data.x_test[:n_maps]  # whole groups (padded if the set is short)
+    routing = last_routing(model, pad_to_groups(map_images, config.group_size))
     maps = slots = None
     if routing is not None:
         grid = config.image_size // config.patch_size
         maps = patch_expert_maps(routing, config.tokens_per_image, grid)
+        maps = maps[: len(map_images)]
         slots = routing.num_experts * routing.capacity  # E * C actually run
     bb_config = study_config.backbone_config(config, model_name)
     flops = backbone_flops(bb_config) + head_flops(

@@ -3,10 +3,13 @@
 - `compile_with_recipe(model, "vmoe" | "soft_moe", total_steps=...)`:
   the optimiser, learning-rate schedule, loss and metric of the V-MoE
   (Riquelme et al. 2021) or Soft MoE (Puigcerver et al. 2024) recipe
-  (`ROUTERS.md` section 4): Adam(0.9, 0.999) with decoupled weight decay
+  (docs/routers.md, "Pre-training recipe"): Adam(0.9, 0.999) with decoupled weight decay
   chosen per variable, global norm clipping 1.0, linear warmup then linear
   decay to 1e-5 (V-MoE) or inverse square root with a linear cooldown
-  (Soft MoE), sigmoid cross-entropy (or softmax), top-1 accuracy.
+  (Soft MoE), sigmoid cross-entropy (or softmax), top-1 accuracy. It is the
+  one compile path of the package: `keras-vmoe train` and the router study
+  (`keras_vmoe.study.runner`, the V-MoE recipe with softmax cross-entropy
+  and its own learning rate, warmup and weight decay) both call it.
 - `BackupAndRestoreWithRNG`: `keras.callbacks.BackupAndRestore` plus the
   random-number state. Keras' callback saves the weights and the optimizer
   (`model.save_weights`) but not the `keras.random.SeedGenerator` states
@@ -153,7 +156,7 @@ def compile_with_recipe(
 ):
     """Compiles a classifier with the V-MoE or Soft MoE pre-training recipe.
 
-    One call sets, as in `ROUTERS.md` section 4:
+    One call sets, as in docs/routers.md, "Pre-training recipe":
 
     - optimiser: `DecoupledWeightDecayAdam(beta_1=0.9, beta_2=0.999)` with
       global norm clipping 1.0 and the recipe's decay rules (V-MoE: 0.1 on

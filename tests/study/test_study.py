@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 
 from keras_vmoe import cli
-from keras_vmoe.routers import ROUTER_NAMES, Routing
+from keras_vmoe.routers import (
+    ROUTER_NAMES,
+    SoftRouting,
+    SparseRouting,
+    TokenChoiceRouter,
+    get_class,
+)
 from keras_vmoe.study import (
     DEFAULT,
-    MODEL_NAMES,
     QUICK,
     StudyConfig,
     report,
@@ -31,9 +36,9 @@ BACKEND = keras.backend.backend()
 def test_default_equal_compute_by_hand():
     # 28x28 images, patch 7 -> 4*4 = 16 patches + class token = 17 tokens;
     # 4 images per group -> S = 68. K = 2, c = 1, E = 8:
-    # Token Choice C = ceil(68 * 2 * 1 / 8) = ceil(17) = 17;
-    # Expert Choice at factor K*c = 2: ceil(68 * 2 / 8) = 17;
-    # Soft MoE: round(2 * 1 * 68 / 8) = 17 slots per expert.
+    # C = ceil(68 * 2 * 1 / 8) = ceil(17) = 17 slots per expert: Token
+    # Choice with K = 2 and capacity 17, Expert Choice with capacity 17,
+    # Soft MoE with 17 slots per expert.
     # E * C = 136 slots per group = 2 per token.
     plan = study_config.equal_compute(DEFAULT)
     assert plan["tokens_per_group"] == 68
@@ -43,14 +48,18 @@ def test_default_equal_compute_by_hand():
     assert plan["expert_hidden_dim"] == 64  # 128 / K
     configs = plan["router_configs"]
     assert set(configs) == set(ROUTER_NAMES)
-    for name in study_config.TOKEN_CHOICE:
+    for name in ("softmax_token_choice", "sinkhorn_token_choice"):
         assert configs[name] == {
             "num_selected_experts": 2,
-            "capacity_factor": 1.0,
+            "capacity": 17,
             "capacity_multiple_of": 1,
         }
-    for name in study_config.EXPERT_CHOICE:
-        assert configs[name] == {"capacity_factor": 2.0, "capacity_multiple_of": 1}
+    for name in (
+        "softmax_expert_choice",
+        "sinkhorn_expert_choice",
+        "sparsity_constrained_expert_choice",
+    ):
+        assert configs[name] == {"capacity": 17, "capacity_multiple_of": 1}
     assert configs["soft"] == {"num_slots": 17}
 
 
@@ -69,20 +78,16 @@ def test_every_router_runs_the_same_slots(config, slots_per_expert):
     config.validate()
     plan = study_config.equal_compute(config)
     assert plan["slots_per_expert"] == slots_per_expert
-    from keras_vmoe.routers.registry import get_class
-
     s = config.tokens_per_group
     for name in ROUTER_NAMES:
         router = get_class(name)(
             num_experts=config.num_experts, **plan["router_configs"][name]
         )
-        if name == "soft":
-            capacity = router.slots_for(s)
-        else:
-            k = config.num_selected_experts if name in study_config.TOKEN_CHOICE else 1
-            capacity = router.group_capacity(s, True, k)
-            assert router.group_capacity(s, False, k) == capacity  # eval: same
+        capacity = router.slots_per_expert(s, training=True)
+        assert router.slots_per_expert(s, training=False) == capacity  # eval: same
         assert capacity == slots_per_expert, name
+        if isinstance(router, TokenChoiceRouter):
+            assert router.num_selected_experts == config.num_selected_experts
 
 
 def test_analytic_flops_are_matched():
@@ -210,12 +215,12 @@ def test_expert_per_token_sparse_and_soft():
     slot_token = np.array([[[0, 1], [0, 3]]])
     mask = np.array([[[1, 1], [1, 0]]], "float32")
     weight = np.array([[[0.2, 0.9], [0.8, 0.0]]], "float32")
-    routing = Routing.sparse(slot_token, mask, weight, num_tokens=4)
+    routing = SparseRouting(slot_token, mask, weight, num_tokens=4)
     assert routing_maps.expert_per_token(routing).tolist() == [[1, 0, -1, -1]]
     # Soft: 1 group, 2 tokens, 2 experts x 1 slot; the largest dispatch
     # weight of token 0 is in expert 1's slot, of token 1 in expert 0's.
     dispatch = np.array([[[[0.3], [0.6]], [[0.7], [0.4]]]], "float32")
-    soft = Routing.soft(dispatch, dispatch)
+    soft = SoftRouting(dispatch, dispatch)
     assert routing_maps.expert_per_token(soft).tolist() == [[1, 0]]
 
 
@@ -275,7 +280,7 @@ def _check_png(path):
 # compilation on a cold cache, 30 s warm); torch, slow per step in eager
 # mode, runs four models.
 if BACKEND in ("jax", "tensorflow"):
-    QUICK_MODELS = MODEL_NAMES
+    QUICK_MODELS = study_config.model_names()
 else:
     QUICK_MODELS = ("dense", "softmax_token_choice", "softmax_expert_choice", "soft")
 
@@ -376,3 +381,37 @@ def test_dense_model_learns_an_easy_subset(tmp_path):
     assert result["settings"]["upstream"]["classes"] == ["bird", "giraffe"]
     assert run["test_accuracy"] > 0.75, run["test_accuracy"]
     assert run["history"]["loss"][-1] < run["history"]["loss"][0]
+
+
+def test_the_study_compiles_with_the_vmoe_recipe():
+    """`compile_with_recipe` gives the numbers of the study's own settings.
+
+    Adam(0.9, 0.999, clipnorm 1), decay `weight_decay` on every kernel and
+    nothing else, linear warmup to `learning_rate` then linear decay to
+    1e-5, softmax cross-entropy.
+    """
+    from keras_vmoe.study import runner
+    from keras_vmoe.training import SoftmaxCrossEntropy, WarmupLinearDecay
+
+    config = QUICK
+    model = runner.build_model(config, "softmax_token_choice", num_classes=4)
+    runner._compile(model, config, total_steps=50)
+    opt = model.optimizer
+    assert (opt.beta_1, opt.beta_2, opt.global_clipnorm) == (0.9, 0.999, 1.0)
+    for variable in model.trainable_variables:
+        expected = config.weight_decay if variable.path.endswith("kernel") else 0.0
+        assert opt.weight_decay_rate_for(variable.path) == expected, variable.path
+    schedule = opt._learning_rate
+    assert isinstance(schedule, WarmupLinearDecay)
+    warmup = study_config.warmup_steps(config, 50)  # 5
+    peak, end = config.learning_rate, 1e-5
+    for step, value in (
+        (0, 0.0),
+        (2, peak * 2 / warmup),
+        (warmup, peak),
+        (30, end + (peak - end) * (50 - 30) / (50 - warmup)),
+        (50, end),
+    ):
+        assert float(schedule(step)) == pytest.approx(value, rel=1e-5, abs=1e-9)
+    assert isinstance(model.loss, SoftmaxCrossEntropy)
+    assert model.loss.from_logits

@@ -11,6 +11,7 @@ import pytest
 from keras import ops
 
 from keras_vmoe import cli, data
+from keras_vmoe.cli import train as train_command
 from keras_vmoe.models import from_preset
 from keras_vmoe.models.vision_moe import cost
 from keras_vmoe.training import (
@@ -21,7 +22,6 @@ from keras_vmoe.training import (
     compile_with_recipe,
     make_schedule,
 )
-from keras_vmoe.cli import train as train_command
 
 PRESET = "vmoe_softmax_tc_s32_e32_224"
 # A tiny V-MoE: 16x16 images, 4x4 = 16 patches of 4 pixels + class token,
@@ -342,3 +342,34 @@ def test_group_size_must_divide_the_batch(tmp_path, capsys):
     assert "multiple of the model's routing group of 3 images" in _one_line_error(
         capsys
     )
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, expected",
+    [
+        # Soft MoE router (its routing is a SoftRouting) and average pooling.
+        ("soft_moe_s16_e128_224", dict(num_experts=4, group_size=2), "soft_moe"),
+        # Soft MoE router, class-token pooling: the V-MoE recipe.
+        ("vmoe_soft_s32_e32_224", dict(num_experts=4, group_size=2), "vmoe"),
+        # A sparse router (SparseRouting), and no router at all.
+        ("vmoe_softmax_tc_s32_e32_224", dict(num_experts=4, group_size=2), "vmoe"),
+        ("vit_dense_s32_224", {}, "vmoe"),
+    ],
+)
+def test_auto_recipe_follows_the_routing_class(preset, overrides, expected):
+    from keras_vmoe.cli import train_setup
+
+    small = dict(image_size=16, patch_size=4, num_layers=2, hidden_dim=16)
+    small.update(mlp_dim=32, num_heads=2, **overrides)
+    model = from_preset(preset, num_classes=10, **small)
+    cfg = {
+        "recipe": "auto",
+        "learning_rate": 1e-3,
+        "warmup_steps": None,
+        "weight_decay": None,
+        "loss": "sigmoid",
+        "label_smoothing": 0.0,
+    }
+    assert train_setup.compile_for_run(model, cfg, total_steps=100) == expected
+    schedule = WarmupRsqrtCooldown if expected == "soft_moe" else WarmupLinearDecay
+    assert isinstance(model.optimizer._learning_rate, schedule)

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from keras_vmoe import cli
+from keras_vmoe.cli import train as train_command
 from keras_vmoe.models import from_preset
 from keras_vmoe.training import (
     BackupAndRestoreWithRNG,
     compile_with_recipe,
     seed_state_variables,
 )
-from keras_vmoe.cli import train as train_command
 
 EPOCHS = 3
 # A tiny V-MoE with router noise (noise_std 1) and dropout: both draw from
