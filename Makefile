@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 setup: $(STAMP)
 
 # Runs the whole suite once per backend (in parallel); fails if any backend fails.
+# Prints the tests done so far every TEST_PROGRESS_INTERVAL seconds (30).
 test: setup
 	tools/test_all_backends.sh $(PY) "$(BACKENDS)" $(PYTEST_ARGS)
 

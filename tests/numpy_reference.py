@@ -1,6 +1,6 @@
 """Independent NumPy implementations that the tests compare against.
 
-Written as plain loops, straight from the definitions in ROUTERS.md, with
+Written as plain loops, straight from the definitions in docs/routers.md, with
 no code shared with the package.
 """
 

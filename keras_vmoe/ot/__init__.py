@@ -1,9 +1,10 @@
 """Optimal-transport solvers used by the OT routers.
 
-- `sinkhorn_plan`: entropic OT (Sinkhorn), routers 2 and 4 of ROUTERS.md.
+- `sinkhorn_plan`: entropic OT (Sinkhorn), for the Sinkhorn Token Choice and
+  Sinkhorn Expert Choice routers (docs/routers.md, "Sinkhorn Token Choice").
 - `ksparse_simplex_projection`, `sparse_ot_plan`,
-  `sparse_ot_plan_with_top_k`: sparsity-constrained OT, router 5 of
-  ROUTERS.md.
+  `sparse_ot_plan_with_top_k`: sparsity-constrained OT (docs/routers.md,
+  "Sparsity-constrained Expert Choice").
 """
 
 from keras_vmoe.ot.sinkhorn import sinkhorn_plan

@@ -1,7 +1,8 @@
 """Entropic optimal transport (Sinkhorn) between tokens and experts.
 
 Used by the Sinkhorn Token Choice and Sinkhorn Expert Choice routers
-(ROUTERS.md, routers 2 and 4; Liu et al. 2024, https://arxiv.org/abs/2401.15969).
+(docs/routers.md, "Sinkhorn Token Choice"; Liu et al. 2024,
+https://arxiv.org/abs/2401.15969).
 """
 
 import math

@@ -1,6 +1,7 @@
 """Sparsity-constrained optimal transport between tokens and experts.
 
-Used by the Sparsity-constrained Expert Choice router (ROUTERS.md, router 5;
+Used by the Sparsity-constrained Expert Choice router (docs/routers.md,
+"Sparsity-constrained Expert Choice";
 Liu, Puigcerver, Blondel, "Sparsity-Constrained Optimal Transport",
 ICLR 2023, https://arxiv.org/abs/2209.15466).
 """

@@ -1,4 +1,7 @@
-"""Sinkhorn Expert Choice router (Liu et al. 2024, arXiv 2401.15969, router 4)."""
+"""Sinkhorn Expert Choice router (Liu et al. 2024, arXiv 2401.15969).
+
+Specification: docs/routers.md, "Sinkhorn Expert Choice".
+"""
 
 from keras import ops
 

@@ -1,4 +1,7 @@
-"""Sinkhorn Token Choice router (Liu et al. 2024, arXiv 2401.15969, router 2)."""
+"""Sinkhorn Token Choice router (Liu et al. 2024, arXiv 2401.15969).
+
+Specification: docs/routers.md, "Sinkhorn Token Choice".
+"""
 
 from keras import ops
 

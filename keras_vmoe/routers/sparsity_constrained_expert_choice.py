@@ -1,4 +1,6 @@
-"""Sparsity-constrained Expert Choice router (arXiv 2401.15969, router 5).
+"""Sparsity-constrained Expert Choice router (arXiv 2401.15969).
+
+Specification: docs/routers.md, "Sparsity-constrained Expert Choice".
 
 Liu, Puigcerver, Blondel, "Sparsity-Constrained Optimal Transport", ICLR 2023
 (https://arxiv.org/abs/2209.15466).

@@ -31,7 +31,7 @@ from keras_vmoe.routers import ROUTER_NAMES, SoftmaxTokenChoiceRouter
 from keras_vmoe.routers.registry import get_class
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny import TINY_ROUTER_CONFIGS, tiny_moe  # noqa: E402
+from tiny import tiny_moe, tiny_router_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BACKEND = keras.backend.backend()
@@ -343,7 +343,7 @@ def test_compiled_moe_keeps_experts_sharded():
     seq_len = model.backbone.sequence_length
     tokens = np.random.RandomState(1).rand(8, seq_len, 16).astype("float32")
     num_groups = 8 * seq_len // moe.group_size
-    capacity = moe.router.group_capacity(moe.group_size, num_selected_experts=2)
+    capacity = moe.router.slots_per_expert(moe.group_size, training=False)
     hidden = moe.experts.hidden_dim
     full_shapes = {
         "f32[" + ",".join(map(str, w.shape)) + "]" for w in expert_weights(model)
@@ -412,7 +412,7 @@ def test_model_axis_shards_attention_and_dense_mlp():
 
 
 def moe_layer(router, num_experts, group_size=8):
-    config = dict(TINY_ROUTER_CONFIGS[router], num_experts=num_experts)
+    config = dict(tiny_router_config(router), num_experts=num_experts)
     if "noise_std" in inspect.signature(get_class(router)).parameters:
         config["noise_std"] = 0.0  # deterministic: sharded == single device
     return MoE(  # named as in the backbone, so the layout map keys match

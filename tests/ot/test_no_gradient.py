@@ -2,7 +2,8 @@
 
 The routers rank tokens on the plans but weight expert outputs with
 `softmax(logits)`, so the plans are constants to the optimiser
-(ROUTERS.md, routers 2, 4 and 5).
+(docs/routers.md, "Sinkhorn Token Choice", "Sinkhorn Expert Choice" and
+"Sparsity-constrained Expert Choice").
 """
 
 import keras

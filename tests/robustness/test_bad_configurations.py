@@ -125,8 +125,8 @@ ROWS = [
     (MlpExperts, dict(num_experts=4, hidden_dim=8, identical_init="yes"), ValueError, r"`identical_init` must be True or False, got 'yes'"),
     (MoE, dict(router=Build(routers.SoftmaxExpertChoiceRouter, 4), experts=Build(MlpExperts, 4, 8), group_size=0), ValueError, "`group_size` " + INT_AT_LEAST_1 + "0"),
     (MoE, dict(router=Build(routers.SoftmaxExpertChoiceRouter, 4), experts=Build(MlpExperts, 8, 8), group_size=8), ValueError, r"`router` and `experts` disagree on the number of experts: 4 vs 8"),
-    (MoE, dict(router="softmax_expert_choice", experts=Build(MlpExperts, 4, 8), group_size=8), ValueError, r"`router` must be a router layer .*softmax_token_choice.*, got 'softmax_expert_choice'"),
-    (MoE, dict(router=Build(keras.layers.Dense, 4), experts=Build(MlpExperts, 4, 8), group_size=8), ValueError, r"`router` must be a router layer \(one of `routers\.get\(name\)` for .*soft, or a layer with an int `num_experts` whose call returns a `Routing`\), got <Dense"),
+    (MoE, dict(router="softmax_expert_choice", experts=Build(MlpExperts, 4, 8), group_size=8), ValueError, r"`router` must be a `keras_vmoe\.routers\.Router` layer \(e\.g\. `keras_vmoe\.routers\.get\(name, num_experts=\.\.\.\)` for a name in softmax_token_choice, .*, soft\), got 'softmax_expert_choice'"),
+    (MoE, dict(router=Build(keras.layers.Dense, 4), experts=Build(MlpExperts, 4, 8), group_size=8), ValueError, r"`router` must be a `keras_vmoe\.routers\.Router` layer .*, got <Dense name=dense"),
     (MoE, dict(router=Build(routers.SoftmaxExpertChoiceRouter, 4), experts=Build(keras.layers.Dense, 4), group_size=8), ValueError, r"`experts` must be an experts layer with a `num_experts` attribute \(e\.g\. `keras_vmoe\.layers\.MlpExperts`\), got <Dense"),
     (MoE, dict(router=Build(routers.SoftmaxExpertChoiceRouter, 4), experts=Build(MlpExperts, 4, 8), group_size=8, use_einsum_dispatch="yes"), ValueError, r"`use_einsum_dispatch` must be True or False, got 'yes'"),
     # === Models and presets ===

@@ -1,4 +1,5 @@
-"""Tests of the optimal-transport routers (ROUTERS.md routers 2, 4, 5).
+"""Tests of the optimal-transport routers (Sinkhorn Token Choice, Sinkhorn
+Expert Choice, Sparsity-constrained Expert Choice: docs/routers.md).
 
 Each router's routing is compared with an independent NumPy computation
 written here from the definitions (float64 loops, no package code).
