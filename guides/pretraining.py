@@ -140,8 +140,8 @@ print("parameters:", model.count_params())
 """
 ## The recipe
 
-The V-MoE recipe (section 4 of `ROUTERS.md`) has three parts, each a Keras
-object in `keras_vmoe.training`:
+The V-MoE recipe (docs/routers.md, "Pre-training recipe") has three parts,
+each a Keras object in `keras_vmoe.training`:
 
 - `WarmupLinearDecay`: a linear warmup to the peak learning rate, then a
   linear decay to `1e-5`;
@@ -334,14 +334,17 @@ fig.savefig("pretraining_curves.png", dpi=80)
 plt.show()
 
 """
-The statistics of an MoE layer can also be read directly after any call: the
-MoE layer of block `i` is `backbone.get_layer(f"encoder_block_{i}").mlp`.
-In evaluation the routers use their evaluation capacity (the recipe of the
+The statistics of an MoE layer can also be read directly: the MoE layer of
+block `i` is `backbone.get_layer(f"encoder_block_{i}").mlp`. By default only
+training calls update them; `tracking_statistics(model)` makes every call
+inside the block update them, here `evaluate`. In evaluation the routers use
+their evaluation capacity (the recipe of the
 papers trains at capacity factor 1.05 and evaluates at a larger one to drop
 fewer tokens; set `eval_capacity_factor` in `router_config`).
 """
 
-model.evaluate(test_ds, verbose=0)
+with callbacks.tracking_statistics(model):
+    model.evaluate(test_ds, verbose=0)
 for index in backbone.moe_layer_indices:
     moe = backbone.get_layer(f"encoder_block_{index}").mlp  # The MoE layer.
     print(moe.path, moe.routing_statistics())

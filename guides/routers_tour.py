@@ -337,7 +337,9 @@ plt.show()
 The `MoE` layer groups the tokens of a batch, calls its router, dispatches
 the slot inputs `(E, G, C, d)`, runs all experts as one batched computation and
 combines the outputs back onto the tokens. It adds the router's auxiliary loss
-with `add_loss` and keeps the latest routing statistics.
+with `add_loss` and keeps the latest routing statistics (of training calls
+by default; `track_statistics="always"` here, so that this inference call
+updates them too).
 """
 
 batch = keras.random.normal((4, NUM_TOKENS, DIM), seed=3)  # (images, tokens, d)
@@ -345,6 +347,7 @@ moe = MoE(
     router=routers.SoftmaxTokenChoiceRouter(num_experts=NUM_EXPERTS, seed=0),
     experts=MlpExperts(num_experts=NUM_EXPERTS, hidden_dim=32),
     group_size=2 * NUM_TOKENS,  # Two images per routing group.
+    track_statistics="always",
 )
 outputs = moe(batch)
 print("outputs:", tuple(outputs.shape), "auxiliary loss:", to_numpy(moe.losses[0]))
