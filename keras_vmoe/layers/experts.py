@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_vmoe.layers.activations import get_activation, serialize_activation
 from keras_vmoe.utils.checks import check_bool, check_positive_int, check_rate
 
 
@@ -59,8 +60,10 @@ class MlpExperts(keras.layers.Layer):
     Args:
         num_experts: int. `E`.
         hidden_dim: int. `h`, the hidden width of each expert.
-        activation: str or callable. A Keras activation. Defaults to
-            `"gelu"`.
+        activation: str or callable. A Keras activation, or
+            `"gelu_approximate"` (the tanh approximation that flax, and so
+            vmoe, uses; see `keras_vmoe.layers.activations`). Defaults to
+            `"gelu"` (exact).
         dropout_rate: float. Dropout after the activation and on the output.
             Defaults to 0.
         identical_init: bool. Initialise all experts with the same weights.
@@ -89,13 +92,7 @@ class MlpExperts(keras.layers.Layer):
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.hidden_dim = check_positive_int("hidden_dim", hidden_dim)
         self.dropout_rate = check_rate("dropout_rate", dropout_rate)
-        try:
-            self.activation = keras.activations.get(activation)
-        except (ValueError, TypeError):
-            raise ValueError(
-                f"`activation` must be the name of a Keras activation (e.g. "
-                f"'gelu', 'relu', 'silu') or a callable, got {activation!r}."
-            ) from None
+        self.activation = get_activation(activation)
         self.identical_init = check_bool("identical_init", identical_init)
         self.seed = seed
         self.dropout = keras.layers.Dropout(dropout_rate, seed=seed, name="dropout")
@@ -142,7 +139,7 @@ class MlpExperts(keras.layers.Layer):
             {
                 "num_experts": self.num_experts,
                 "hidden_dim": self.hidden_dim,
-                "activation": keras.activations.serialize(self.activation),
+                "activation": serialize_activation(self.activation),
                 "dropout_rate": self.dropout_rate,
                 "identical_init": self.identical_init,
                 "seed": self.seed,

@@ -85,6 +85,14 @@ class MoE(keras.layers.Layer):
             `fit`; inference such as `predict` or `evaluate` neither
             computes nor changes them), `"always"` (every call), or
             `"never"`. Defaults to `"training"`.
+        bfloat16_dispatch: bool. Round the tokens sent to the experts and
+            the experts' outputs to bfloat16 before the dispatch and the
+            combine (which still compute in the tokens' dtype), as vmoe's
+            `Bfloat16Dispatcher` does (its `dispatcher.bfloat16` option, and
+            always in its Soft MoE router); the router still sees the
+            unrounded tokens. Needed to reproduce the logits of models
+            trained that way. No effect when the tokens are already
+            bfloat16. Defaults to `False`.
         **kwargs: base layer arguments.
 
     Example:
@@ -112,6 +120,7 @@ class MoE(keras.layers.Layer):
         use_einsum_dispatch=False,
         expert_axis="expert",
         track_statistics="training",
+        bfloat16_dispatch=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -150,6 +159,7 @@ class MoE(keras.layers.Layer):
             )
         self.expert_axis = expert_axis
         self.track_statistics = track_statistics
+        self.bfloat16_dispatch = check_bool("bfloat16_dispatch", bfloat16_dispatch)
         self._routing_captures = ()  # open `_RoutingCapture`s
 
     @property
@@ -279,13 +289,15 @@ class MoE(keras.layers.Layer):
         routing, groups = self.route(x, training)
         if self._routing_captures:
             self._record_routing(routing, groups)
+        dispatched = self._round_to_bfloat16(groups)
         if self.use_einsum_dispatch:
-            expert_inputs = routing.einsum_dispatch(groups)  # (E, G, C, d)
+            expert_inputs = routing.einsum_dispatch(dispatched)  # (E, G, C, d)
         else:
-            expert_inputs = routing.dispatch(groups)  # (E, G, C, d)
+            expert_inputs = routing.dispatch(dispatched)  # (E, G, C, d)
         expert_inputs = self._shard_on_experts(expert_inputs)
         expert_outputs = self.experts(expert_inputs, training=training)
         expert_outputs = self._shard_on_experts(expert_outputs)
+        expert_outputs = self._round_to_bfloat16(expert_outputs)
         if self.use_einsum_dispatch:
             outputs = routing.einsum_combine(expert_outputs)  # (G, S, d)
         else:
@@ -298,6 +310,12 @@ class MoE(keras.layers.Layer):
             for name in STATISTICS:
                 getattr(self, name).assign(ops.cast(stats[name], "float32"))
         return ops.reshape(ops.cast(outputs, x.dtype), ops.shape(x))
+
+    def _round_to_bfloat16(self, x):
+        """`x` rounded to bfloat16 and back, with `bfloat16_dispatch`."""
+        if not self.bfloat16_dispatch:
+            return x
+        return ops.cast(ops.cast(x, "bfloat16"), x.dtype)
 
     def _expert_mesh(self):
         """`(distribution, axis sizes)` when the experts are sharded, else None.
@@ -376,6 +394,7 @@ class MoE(keras.layers.Layer):
                 "use_einsum_dispatch": self.use_einsum_dispatch,
                 "expert_axis": self.expert_axis,
                 "track_statistics": self.track_statistics,
+                "bfloat16_dispatch": self.bfloat16_dispatch,
             }
         )
         return config

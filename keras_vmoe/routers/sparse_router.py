@@ -67,6 +67,10 @@ class SparseRouter(Router):
             Defaults to `None`.
         capacity_multiple_of: int. Round capacities up to a multiple of
             this. Defaults to 4.
+        capacity_ceil_or_round: str. How `S * K * factor / E` becomes an
+            integer before that: `"ceil"` or `"round"` (Python's `round`,
+            half to even), as vmoe's `capacity_ceil_or_round`. Defaults to
+            `"ceil"`.
         noise_std: float. Gating noise during training is
             `noise_std / E * N(0, 1)`. Defaults to 1.0.
         seed: int. Seed of the gating noise. Defaults to `None`.
@@ -85,6 +89,7 @@ class SparseRouter(Router):
         capacity_multiple_of=4,
         noise_std=1.0,
         seed=None,
+        capacity_ceil_or_round="ceil",
         **kwargs,
     ):
         super().__init__(num_experts, **kwargs)
@@ -121,6 +126,12 @@ class SparseRouter(Router):
         self.capacity_multiple_of = check_positive_int(
             "capacity_multiple_of", capacity_multiple_of
         )
+        if capacity_ceil_or_round not in ("ceil", "round"):
+            raise ValueError(
+                "`capacity_ceil_or_round` must be 'ceil' or 'round', got "
+                f"{capacity_ceil_or_round!r}."
+            )
+        self.capacity_ceil_or_round = capacity_ceil_or_round
         self.noise_std = check_non_negative("noise_std", noise_std)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -128,9 +139,9 @@ class SparseRouter(Router):
     def slots_per_expert(self, group_tokens, training=True):
         """Capacity `C` for groups of `group_tokens` tokens.
 
-        `C = ceil(S * K * factor / E)` (`K` = `choices_per_token`), rounded
-        up to a multiple of `capacity_multiple_of`; or the explicit
-        `capacity`. Evaluation uses `eval_capacity_factor` when given.
+        `C = ceil(S * K * factor / E)` (`K` = `choices_per_token`; `round`
+        with `capacity_ceil_or_round="round"`), rounded up to a multiple of
+        `capacity_multiple_of`; or the explicit `capacity`. Evaluation uses `eval_capacity_factor` when given.
         """
         factor = self.capacity_factor
         if not training and self.eval_capacity_factor is not None:
@@ -140,6 +151,7 @@ class SparseRouter(Router):
             self.num_experts,
             capacity_factor=factor,
             capacity=self.capacity,
+            ceil_or_round=self.capacity_ceil_or_round,
             multiple_of=self.capacity_multiple_of,
         )
 
@@ -165,6 +177,7 @@ class SparseRouter(Router):
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "capacity": self.capacity,
                 "capacity_multiple_of": self.capacity_multiple_of,
+                "capacity_ceil_or_round": self.capacity_ceil_or_round,
                 "noise_std": self.noise_std,
                 "seed": self.seed,
             }

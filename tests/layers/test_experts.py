@@ -125,3 +125,29 @@ def test_get_config_holds_every_argument():
     np.testing.assert_allclose(
         ops.convert_to_numpy(clone(x)), ops.convert_to_numpy(moe(x)), atol=1e-6
     )
+
+
+def test_gelu_approximate_is_flax_tanh_gelu():
+    """flax's `nn.gelu` (vmoe's MLPs): 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))."""
+    from keras_vmoe.layers import gelu_approximate, get_activation
+
+    x = np.linspace(-6, 6, 101).astype("float32")
+    expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    got = ops.convert_to_numpy(gelu_approximate(x))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    exact = ops.convert_to_numpy(get_activation("gelu")(x))
+    assert 1e-4 < np.abs(exact - got).max() < 1e-3  # why vmoe's choice matters
+    experts = MlpExperts(num_experts=2, hidden_dim=4, activation="gelu_approximate")
+    assert experts.get_config()["activation"] == "gelu_approximate"
+    clone = MlpExperts.from_config(experts.get_config())
+    assert clone.activation is gelu_approximate
+    z = np.random.default_rng(1).normal(size=(2, 3, 5)).astype("float32")
+    experts(z)
+    wi, bi, wo, bo = (ops.convert_to_numpy(w) for w in experts.weights)
+    h = np.einsum("emd,edh->emh", z, wi) + bi[:, None]
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(experts(z)),
+        np.einsum("emh,ehd->emd", h, wo) + bo[:, None],
+        atol=1e-5,
+    )

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -438,3 +439,63 @@ def test_a_layer_with_num_experts_is_not_a_router():
     # The message lists the routers registered at the time of the error.
     for name in routers.ROUTER_NAMES:
         assert name in str(error.value)
+
+
+def _bfloat16(x):
+    import ml_dtypes
+
+    return np.asarray(x, "float32").astype(ml_dtypes.bfloat16).astype("float32")
+
+
+@pytest.mark.parametrize("name", ["softmax_expert_choice", "soft"])
+def test_bfloat16_dispatch_rounds_expert_inputs_and_outputs(name):
+    """vmoe's Bfloat16Dispatcher: the data entering the dispatch and the
+    combine is rounded to bfloat16, the routing sees the float32 tokens."""
+    kwargs = dict(capacity=12) if name != "soft" else dict(num_slots=2)
+    plain = make_moe(name, use_einsum_dispatch=True, **kwargs)
+    rounded = MoE.from_config(
+        {**plain.get_config(), "bfloat16_dispatch": True, "name": "moe_bf16"}
+    )
+    assert rounded.bfloat16_dispatch and not plain.bfloat16_dispatch
+    x = X * 3.0 + 0.1  # values that are far from exact in bfloat16
+    plain(x)
+    rounded(x)
+    rounded.set_weights(plain.get_weights())
+    with plain.capture_routing() as routings:
+        expected_plain = ops.convert_to_numpy(plain(x))
+    dispatch = ops.convert_to_numpy(routings[-1].dispatch_tensor())  # (G, S, E, C)
+    combine = ops.convert_to_numpy(routings[-1].combine_tensor())
+    groups = x.reshape(2, 12, 8)
+    wi, bi, wo, bo = (ops.convert_to_numpy(w) for w in plain.experts.weights)
+
+    def numpy_moe(round_fn):
+        inputs = np.einsum("gsec,gsd->egcd", dispatch, round_fn(groups))
+        hidden = np.einsum("egcd,edh->egch", inputs, wi) + bi[:, None, None]
+        hidden = 0.5 * hidden * (1 + np.vectorize(math.erf)(hidden / np.sqrt(2)))
+        outputs = np.einsum("egch,ehd->egcd", hidden, wo) + bo[:, None, None]
+        return np.einsum("egcd,gsec->gsd", round_fn(outputs), combine).reshape(x.shape)
+
+    np.testing.assert_allclose(expected_plain, numpy_moe(lambda v: v), atol=1e-4)
+    for fast in (False, True):  # the index path (sparse) and the einsum path
+        layer = rounded
+        if fast:
+            layer = MoE.from_config(
+                {**rounded.get_config(), "use_einsum_dispatch": False}
+            )
+            layer(x)
+            layer.set_weights(plain.get_weights())
+        got = ops.convert_to_numpy(layer(x))
+        np.testing.assert_allclose(got, numpy_moe(_bfloat16), atol=1e-5)
+        # The rounding matters: bfloat16 has 8 significant bits.
+        assert np.abs(got - expected_plain).max() > 1e-4
+
+
+def test_bfloat16_dispatch_config():
+    moe = make_moe("soft")
+    assert moe.get_config()["bfloat16_dispatch"] is False
+    config = {**moe.get_config(), "bfloat16_dispatch": True}
+    assert MoE.from_config(config).get_config()["bfloat16_dispatch"] is True
+    config.pop("bfloat16_dispatch")  # configs saved before the option
+    assert MoE.from_config(config).bfloat16_dispatch is False
+    with pytest.raises(ValueError, match="bfloat16_dispatch"):
+        MoE(moe.router, moe.experts, group_size=12, bfloat16_dispatch="yes")

@@ -20,8 +20,21 @@ def _layer_norm(x, gamma, beta, eps=1e-6):
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
-def _numpy_vit(w, x, patch, num_layers, num_heads, use_class_token=True):
-    """An independent NumPy forward pass of a dense pre-norm ViT."""
+def _numpy_vit(
+    w,
+    x,
+    patch,
+    num_layers,
+    num_heads,
+    use_class_token=True,
+    qk_norm=False,
+    gelu_tanh=False,
+):
+    """An independent NumPy forward pass of a dense pre-norm ViT.
+
+    `qk_norm`: flax's `normalize_qk` (LayerNorm over each head's queries and
+    keys, scale only); `gelu_tanh`: flax's default tanh-approximated GELU.
+    """
     b, h, wd, c = x.shape
     kernel, bias = w["patch_embedding/conv/kernel"], w["patch_embedding/conv/bias"]
     d = kernel.shape[-1]
@@ -41,6 +54,9 @@ def _numpy_vit(w, x, patch, num_layers, num_heads, use_class_token=True):
             + w[pre + f"attention/{n}/bias"]
             for n in ("query", "key", "value")
         )
+        if qk_norm:
+            q = _layer_norm(q, w[pre + "attention/query_norm/gamma"], 0.0)
+            k = _layer_norm(k, w[pre + "attention/key_norm/gamma"], 0.0)
         logits = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(d // num_heads)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -49,7 +65,10 @@ def _numpy_vit(w, x, patch, num_layers, num_heads, use_class_token=True):
         t = t + o + w[pre + "attention/attention_output/bias"]
         y = _layer_norm(t, w[pre + "ln_2/gamma"], w[pre + "ln_2/beta"])
         y = y @ w[pre + "mlp/dense_1/kernel"] + w[pre + "mlp/dense_1/bias"]
-        y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
+        if gelu_tanh:
+            y = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y**3)))
+        else:
+            y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
         t = t + y @ w[pre + "mlp/dense_2/kernel"] + w[pre + "mlp/dense_2/bias"]
     return _layer_norm(t, w["encoder_norm/gamma"], w["encoder_norm/beta"])
 
@@ -218,3 +237,111 @@ def test_mixed_precision_dense(images):
     expected = _np(reference(images)["sequence_output"])
     got = _np(keras.ops.cast(out["sequence_output"], "float32"))
     np.testing.assert_allclose(got, expected, atol=0.1)
+
+
+def test_qk_norm_and_tanh_gelu_match_numpy(images):
+    """vmoe's attention_qk_norm and flax's tanh GELU, against NumPy."""
+    backbone = VisionMoEBackbone(
+        **TINY, attention_qk_norm=True, mlp_activation="gelu_approximate"
+    )
+    rng = np.random.RandomState(2)
+    for v in backbone.weights:  # large MLP inputs, where the two GELUs differ
+        v.assign(rng.normal(scale=1.0, size=v.shape).astype("float32"))
+    weights = {v.path: v.numpy() for v in backbone.weights}
+    assert weights["encoder_block_1/attention/query_norm/gamma"].shape == (8,)
+    out = _np(backbone(images)["sequence_output"])
+    x = images.astype("float64")
+    expected = _numpy_vit(weights, x, 4, 2, 2, qk_norm=True, gelu_tanh=True)
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
+    # Each option changes the output (so each is really applied).
+    for qk_norm, gelu_tanh in ((False, True), (True, False)):
+        other = _numpy_vit(weights, x, 4, 2, 2, qk_norm=qk_norm, gelu_tanh=gelu_tanh)
+        assert np.abs(other - expected).max() > 1e-4  # 2.7e-4 for the GELU
+    assert backbone.count_params() == count_backbone_params(
+        dict(TINY, attention_qk_norm=True)
+    )
+    # The sharding rules cover the new weights (replicated on purpose).
+    from keras_vmoe.models.vision_moe.layout_map import check_layouts
+
+    mesh = keras.distribution.DeviceMesh(
+        shape=(1, 1), axis_names=("batch", "expert"), devices=["cpu:0"]
+    )
+    layout_map = VisionMoEBackbone.get_layout_map(mesh)
+    assert check_layouts(backbone, layout_map, check_values=False) == []
+    config = backbone.get_config()
+    assert (
+        config["attention_qk_norm"] and config["mlp_activation"] == "gelu_approximate"
+    )
+    clone = VisionMoEBackbone.from_config(config)
+    clone.set_weights(backbone.get_weights())
+    np.testing.assert_allclose(_np(clone(images)["sequence_output"]), out, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "tokens_per_group, group_size, pooling",
+    [
+        (17, 1, "token"),  # one image per group, in tokens
+        (8, 1, "gap"),  # half an image of 16 tokens
+        (24, 3, "gap"),  # 1.5 images: 3 images fill 2 groups
+    ],
+)
+def test_tokens_per_group(images, tokens_per_group, group_size, pooling):
+    config = tiny_moe(
+        "soft",
+        router_config={"num_slots": 2},
+        tokens_per_group=tokens_per_group,
+        group_size=group_size,
+        pooling=pooling,
+        use_class_token=pooling == "token",
+    )
+    backbone = VisionMoEBackbone(**config)
+    assert backbone.layout.tokens_per_group == tokens_per_group
+    moe = backbone.get_layer("encoder_block_1").mlp
+    assert moe.group_size == tokens_per_group
+    x = np.concatenate([images, images[:2]])[: 2 * group_size]
+    with moe.capture_routing() as routings:
+        backbone(x)
+    tokens = x.shape[0] * backbone.sequence_length
+    assert tuple(routings[-1].dispatch_tensor().shape) == (
+        tokens // tokens_per_group,
+        tokens_per_group,
+        4,
+        2,
+    )
+    # FLOPs per image charge the routing groups pro rata: the same per token
+    # as a backbone whose groups are whole images of the same token count.
+    assert backbone.count_params() == count_backbone_params(config)
+
+
+def test_tokens_per_group_is_the_same_as_whole_images(images):
+    """`tokens_per_group = group_size * T` is the default, exactly."""
+    from keras_vmoe.models import backbone_flops
+
+    base = tiny_moe("softmax_token_choice")
+    a = VisionMoEBackbone(**base)
+    b = VisionMoEBackbone(**base, tokens_per_group=2 * 17)
+    b.set_weights(a.get_weights())
+    np.testing.assert_array_equal(
+        _np(a(images)["sequence_output"]), _np(b(images)["sequence_output"])
+    )
+    assert backbone_flops(base) == backbone_flops(dict(base, tokens_per_group=34))
+    # Groups of one image with the same explicit capacity (C = 17, E = 4):
+    # twice the groups per image, so twice the expert FLOPs (2 * d * h MACs
+    # per slot); the router's FLOPs per token do not change.
+    half = backbone_flops(dict(base, tokens_per_group=17, group_size=2))
+    assert half - backbone_flops(base) == 2 * (4 * 17) * 2 * 16 * 32 // 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(tokens_per_group=10), r"`group_size` must be a multiple of 10"),
+        (dict(tokens_per_group=0), "tokens_per_group"),
+        (dict(mlp_activation="gelu_tanh"), "mlp_activation"),
+        (dict(attention_qk_norm="yes"), "attention_qk_norm"),
+        (dict(bfloat16_dispatch=1), "bfloat16_dispatch"),
+    ],
+)
+def test_bad_new_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        VisionMoEBackbone(**{**tiny_moe("softmax_expert_choice"), **overrides})

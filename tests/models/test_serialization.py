@@ -25,6 +25,10 @@ BACKBONE_ARGS = dict(
     layer_norm_epsilon=1e-5,
     use_class_token=False,
     pooling="gap",
+    tokens_per_group=16,  # one image of 16 patches per group; 2 per batch unit
+    attention_qk_norm=True,
+    mlp_activation="gelu_approximate",
+    bfloat16_dispatch=True,
 )
 CLASSIFIER_ARGS = dict(
     num_classes=3,

@@ -66,3 +66,48 @@ def test_capacity_values(kwargs, expected):
 def test_capacity_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         compute_capacity(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "rounding, factor, expected",
+    [
+        ("ceil", 1.0, 19),  # 74 * 2 * 1.0 / 8 = 18.5
+        ("round", 1.0, 18),  # Python's round: half to even
+        ("round", 1.05, 19),  # 19.425
+        ("ceil", 1.05, 20),
+    ],
+)
+def test_router_capacity_ceil_or_round(rounding, factor, expected):
+    """vmoe's `capacity_ceil_or_round` (vmoe/moe.py, `compute_capacity`)."""
+    from keras_vmoe.routers import SoftmaxTokenChoiceRouter
+
+    router = SoftmaxTokenChoiceRouter(
+        8,
+        capacity_factor=factor,
+        capacity_multiple_of=1,
+        capacity_ceil_or_round=rounding,
+    )
+    assert router.slots_per_expert(74, training=True) == expected
+    config = router.get_config()
+    assert config["capacity_ceil_or_round"] == rounding
+    assert SoftmaxTokenChoiceRouter.from_config(config).slots_per_expert(74) == expected
+    # Then rounded up to the multiple (here 4), as vmoe does.
+    router = SoftmaxTokenChoiceRouter(
+        8, capacity_factor=factor, capacity_ceil_or_round=rounding
+    )
+    assert router.slots_per_expert(74) == -(-expected // 4) * 4
+
+
+def test_router_capacity_ceil_or_round_errors():
+    from keras_vmoe.routers import SoftmaxExpertChoiceRouter
+
+    with pytest.raises(
+        ValueError, match="`capacity_ceil_or_round` must be 'ceil' or 'round'"
+    ):
+        SoftmaxExpertChoiceRouter(4, capacity_ceil_or_round="floor")
+    config = SoftmaxExpertChoiceRouter(4).get_config()
+    assert config["capacity_ceil_or_round"] == "ceil"
+    config.pop("capacity_ceil_or_round")  # configs saved before the option
+    assert (
+        SoftmaxExpertChoiceRouter.from_config(config).capacity_ceil_or_round == "ceil"
+    )

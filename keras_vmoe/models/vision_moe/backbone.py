@@ -43,8 +43,8 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
     or average of the patch tokens).
 
     MoE layers route tokens in groups of `group_size` images
-    (`group_size * T` tokens): the batch size must be a multiple of
-    `group_size`. Each MoE layer adds its router's auxiliary loss with
+    (`group_size * T` tokens), or of `tokens_per_group` tokens: the batch
+    size must be a multiple of `group_size`. Each MoE layer adds its router's auxiliary loss with
     `add_loss`, so `fit()` minimises it together with the task loss.
 
     The sizes derived from the arguments (patch grid, `T`, MoE blocks,
@@ -74,7 +74,11 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
         expert_hidden_dim: int or None. Hidden size of each expert MLP.
             Defaults to `None` (= `mlp_dim`).
         group_size: int. Images per routing group (converted to
-            `group_size * sequence_length` tokens). Defaults to `8`.
+            `group_size * sequence_length` tokens). With `tokens_per_group`,
+            the images whose tokens fill whole routing groups
+            (`group_size * sequence_length` must be a multiple of
+            `tokens_per_group`); either way batches must be a multiple of
+            it. Defaults to `8`.
         identical_expert_init: bool. Initialise all experts of a layer with
             the same weights, as the reference does. Defaults to `False`.
         use_class_token: bool. Prepend a learned class token. Defaults to
@@ -88,6 +92,21 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
         expert_dropout_rate: float or None. Dropout inside the experts.
             Defaults to `None` (= `dropout_rate`).
         layer_norm_epsilon: float. Defaults to `1e-6`.
+        tokens_per_group: int or None. Tokens per routing group, counted in
+            tokens rather than images, as vmoe's `group_size`: a group may
+            span several images or part of one. Defaults to `None`
+            (`group_size * sequence_length`).
+        attention_qk_norm: bool. Layer-normalise the queries and keys of
+            every head before the dot product (vmoe's `attention_qk_norm`,
+            flax's `normalize_qk`). Defaults to `False`.
+        mlp_activation: str. Activation of the dense MLPs and the experts:
+            `"gelu"` (exact, Keras') or `"gelu_approximate"` (the tanh
+            approximation, flax's `nn.gelu` and so vmoe's). Defaults to
+            `"gelu"`.
+        bfloat16_dispatch: bool. MoE layers round the tokens sent to the
+            experts and the experts' outputs to bfloat16, as vmoe's
+            `Bfloat16Dispatcher` (see `keras_vmoe.layers.MoE`). Defaults to
+            `False`.
         dtype: str or `keras.DTypePolicy`. Defaults to `None` (global policy).
         **kwargs: `keras_hub.models.Backbone` arguments (`name`, ...).
 
@@ -122,6 +141,10 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
         attention_dropout=0.0,
         expert_dropout_rate=None,
         layer_norm_epsilon=1e-6,
+        tokens_per_group=None,
+        attention_qk_norm=False,
+        mlp_activation="gelu",
+        bfloat16_dispatch=False,
         dtype=None,
         **kwargs,
     ):
@@ -147,6 +170,10 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
             attention_dropout=attention_dropout,
             expert_dropout_rate=expert_dropout_rate,
             layer_norm_epsilon=layer_norm_epsilon,
+            tokens_per_group=tokens_per_group,
+            attention_qk_norm=attention_qk_norm,
+            mlp_activation=mlp_activation,
+            bfloat16_dispatch=bfloat16_dispatch,
         )
         layout = check_backbone_arguments(arguments)
         arguments["image_shape"] = image_shape = layout.image_shape
@@ -177,6 +204,8 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
                         else expert_dropout_rate
                     ),
                     "identical_init": bool(identical_expert_init),
+                    "activation": mlp_activation,
+                    "bfloat16_dispatch": bool(bfloat16_dispatch),
                 }
             x = EncoderBlock(
                 num_heads=num_heads,
@@ -185,6 +214,8 @@ class VisionMoEBackbone(AtomicPresetSave, Backbone):
                 attention_dropout=attention_dropout,
                 layer_norm_epsilon=layer_norm_epsilon,
                 moe_config=moe_config,
+                attention_qk_norm=attention_qk_norm,
+                mlp_activation=mlp_activation,
                 dtype=dtype,
                 name=f"encoder_block_{i}",
             )(x)

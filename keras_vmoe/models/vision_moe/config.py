@@ -11,6 +11,7 @@ a saved config.
 
 import collections
 import difflib
+import math
 
 from keras_vmoe.models.vision_moe import vit_layers
 from keras_vmoe.utils.checks import (
@@ -128,8 +129,9 @@ Fields:
     sequence_length: int. Tokens per image (patches, plus the class token).
     moe_layer_indices: tuple of int. The MoE blocks, sorted (empty for a
         dense ViT).
-    tokens_per_group: int or None. Tokens routed together
-        (`group_size * sequence_length`); `None` without MoE blocks.
+    tokens_per_group: int or None. Tokens routed together (the
+        `tokens_per_group` argument, else `group_size * sequence_length`);
+        `None` without MoE blocks.
     expert_hidden_dim: int or None. Hidden size of each expert MLP
         (`expert_hidden_dim`, else `mlp_dim`); `None` without MoE blocks.
 """
@@ -156,7 +158,7 @@ def check_backbone_arguments(arguments):
     ...     router_config=None, num_experts=4, expert_hidden_dim=None,
     ...     group_size=2, use_class_token=True, pooling="token",
     ...     dropout_rate=0.0, attention_dropout=0.0, expert_dropout_rate=None,
-    ...     layer_norm_epsilon=1e-6))
+    ...     layer_norm_epsilon=1e-6, tokens_per_group=None))
     >>> layout.moe_layer_indices, layout.sequence_length, layout.tokens_per_group
     ((1, 3), 17, 34)
     """
@@ -177,6 +179,10 @@ def check_backbone_arguments(arguments):
     if a["expert_dropout_rate"] is not None:
         check_rate("expert_dropout_rate", a["expert_dropout_rate"])
     check_positive_float("layer_norm_epsilon", a["layer_norm_epsilon"])
+    for name in ("attention_qk_norm", "bfloat16_dispatch"):
+        if not isinstance(a.get(name, False), bool):
+            raise ValueError(f"`{name}` must be a bool, got {a[name]!r}.")
+    _check_activation(a.get("mlp_activation", "gelu"))
     pooling, use_class_token = a["pooling"], a["use_class_token"]
     if pooling not in ("token", "gap"):
         raise ValueError(f"`pooling` must be 'token' or 'gap', got {pooling!r}.")
@@ -195,6 +201,11 @@ def check_backbone_arguments(arguments):
     grid = (image_shape[0] // ph, image_shape[1] // pw)
     num_patches = grid[0] * grid[1]
     sequence_length = num_patches + int(bool(use_class_token))
+    tokens_per_group = None
+    if moe_indices:
+        tokens_per_group = _tokens_per_group(
+            a.get("tokens_per_group"), a["group_size"], sequence_length
+        )
     return VisionMoELayout(
         image_shape=image_shape,
         patch_size=(ph, pw),
@@ -202,9 +213,7 @@ def check_backbone_arguments(arguments):
         num_patches=num_patches,
         sequence_length=sequence_length,
         moe_layer_indices=moe_indices,
-        tokens_per_group=(
-            int(a["group_size"]) * sequence_length if moe_indices else None
-        ),
+        tokens_per_group=tokens_per_group,
         expert_hidden_dim=(
             int(a["expert_hidden_dim"] or a["mlp_dim"]) if moe_indices else None
         ),
@@ -262,6 +271,39 @@ def _check_moe(moe_layers, num_layers, router, router_config, num_experts, group
         return parse_moe_layers(spec, num_layers)
     except ValueError as e:
         raise ValueError(f"`moe_layers`: {e}") from None
+
+
+def _tokens_per_group(tokens_per_group, group_size, sequence_length):
+    """Tokens per routing group: `tokens_per_group`, else whole images."""
+    if tokens_per_group is None:
+        return int(group_size) * sequence_length
+    check_positive_int("tokens_per_group", tokens_per_group)
+    if (group_size * sequence_length) % tokens_per_group:
+        images = math.lcm(tokens_per_group, sequence_length) // sequence_length
+        raise ValueError(
+            f"`group_size={group_size}` images of {sequence_length} tokens do "
+            f"not fill whole routing groups of `tokens_per_group="
+            f"{tokens_per_group}` tokens: `group_size` must be a multiple of "
+            f"{images}."
+        )
+    return int(tokens_per_group)
+
+
+def _check_activation(activation):
+    from keras_vmoe.layers.activations import get_activation
+
+    if not isinstance(activation, str):
+        raise ValueError(
+            f"`mlp_activation` must be an activation name such as 'gelu' or "
+            f"'gelu_approximate', got {activation!r}."
+        )
+    try:
+        get_activation(activation)
+    except ValueError:
+        raise ValueError(
+            f"`mlp_activation` must be an activation name such as 'gelu' or "
+            f"'gelu_approximate', got {activation!r}."
+        ) from None
 
 
 def _check_image_shape(image_shape):

@@ -86,6 +86,8 @@ def count_backbone_params(config):
     total += d * int(bool(cfg["use_class_token"]))  # class token
     total += cfg["sequence_length"] * d  # position embedding
     block = 2 * 2 * d + 4 * d * d + 4 * d  # two LayerNorms + attention
+    if cfg["attention_qk_norm"]:
+        block += 2 * (d // cfg["num_heads"])  # query and key norm scales
     num_moe = len(cfg["moe_layer_indices"])
     total += cfg["num_layers"] * block
     total += (cfg["num_layers"] - num_moe) * (d * h + h + h * d + d)  # dense MLPs
@@ -127,11 +129,11 @@ def backbone_flops(config):
     macs += cfg["num_layers"] * (4 * t * d * d + 2 * t * t * d)  # attention
     macs += (cfg["num_layers"] - num_moe) * 2 * t * d * h  # dense MLPs
     if num_moe:
-        g, eh = cfg["group_size"], cfg["expert_hidden_dim"]
+        s, eh = cfg["tokens_per_group"], cfg["expert_hidden_dim"]
         slots = expert_slots_per_group(cfg)
         group_macs = slots * 2 * d * eh  # experts
-        group_macs += make_router(cfg).routing_macs(g * t, d)
-        macs += num_moe * group_macs / g
+        group_macs += make_router(cfg).routing_macs(s, d)
+        macs += num_moe * group_macs / (s / t)  # a group holds s / t images
     return int(round(2 * macs))
 
 

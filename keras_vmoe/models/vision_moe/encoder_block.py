@@ -10,7 +10,7 @@ so its weights live at `encoder_block_{i}/moe/router/...` and
 
 import keras
 
-from keras_vmoe.models.vision_moe.vit_layers import MlpBlock
+from keras_vmoe.models.vision_moe.vit_layers import MlpBlock, SelfAttention
 
 _PACKAGE = "keras_vmoe"
 
@@ -23,6 +23,8 @@ def make_moe(
     router_config=None,
     dropout_rate=0.0,
     identical_init=False,
+    activation="gelu",
+    bfloat16_dispatch=False,
     dtype=None,
     name="moe",
 ):
@@ -36,6 +38,9 @@ def make_moe(
         router_config: dict. Extra router keyword arguments.
         dropout_rate: float. Dropout inside the experts.
         identical_init: bool. Initialise all experts identically.
+        activation: str. The experts' activation (`"gelu"` or
+            `"gelu_approximate"`, see `MlpExperts`). Defaults to `"gelu"`.
+        bfloat16_dispatch: bool. See `MoE`. Defaults to `False`.
         dtype: dtype policy for the MoE layer.
         name: str. Layer name. Defaults to `"moe"`.
 
@@ -54,6 +59,7 @@ def make_moe(
         hidden_dim=expert_hidden_dim,
         dropout_rate=dropout_rate,
         identical_init=identical_init,
+        activation=activation,
         dtype=dtype,
         name="experts",
     )
@@ -61,6 +67,7 @@ def make_moe(
         router=router_layer,
         experts=experts,
         group_size=group_size,
+        bfloat16_dispatch=bfloat16_dispatch,
         dtype=dtype,
         name=name,
     )
@@ -86,6 +93,11 @@ class EncoderBlock(keras.layers.Layer):
         layer_norm_epsilon: float. Defaults to `1e-6`.
         moe_config: dict or None. If given, the MLP is replaced by
             `make_moe(**moe_config)`. Defaults to `None` (dense block).
+        attention_qk_norm: bool. Layer-normalise queries and keys in the
+            attention (`SelfAttention(qk_norm=True)`). Defaults to `False`.
+        mlp_activation: str. Activation of the dense MLP, `"gelu"` (exact)
+            or `"gelu_approximate"` (tanh, as flax and vmoe). Defaults to
+            `"gelu"`.
         **kwargs: Base layer arguments.
 
     Example:
@@ -102,6 +114,8 @@ class EncoderBlock(keras.layers.Layer):
         attention_dropout=0.0,
         layer_norm_epsilon=1e-6,
         moe_config=None,
+        attention_qk_norm=False,
+        mlp_activation="gelu",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -111,6 +125,8 @@ class EncoderBlock(keras.layers.Layer):
         self.attention_dropout = float(attention_dropout)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.moe_config = None if moe_config is None else dict(moe_config)
+        self.attention_qk_norm = bool(attention_qk_norm)
+        self.mlp_activation = mlp_activation
         policy = self.dtype_policy
         self.ln_1 = keras.layers.LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=policy, name="ln_1"
@@ -124,7 +140,11 @@ class EncoderBlock(keras.layers.Layer):
         self.attention = None
         if self.moe_config is None:
             self.mlp = MlpBlock(
-                self.mlp_dim, dropout_rate=self.dropout_rate, dtype=policy, name="mlp"
+                self.mlp_dim,
+                dropout_rate=self.dropout_rate,
+                activation=mlp_activation,
+                dtype=policy,
+                name="mlp",
             )
         else:
             self.mlp = make_moe(dtype=policy, name="moe", **self.moe_config)
@@ -139,7 +159,7 @@ class EncoderBlock(keras.layers.Layer):
             raise ValueError(
                 f"hidden_dim={hidden_dim} must be divisible by num_heads={self.num_heads}."
             )
-        self.attention = keras.layers.MultiHeadAttention(
+        attention_kwargs = dict(
             num_heads=self.num_heads,
             key_dim=hidden_dim // self.num_heads,
             dropout=self.attention_dropout,
@@ -147,6 +167,14 @@ class EncoderBlock(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention",
         )
+        if self.attention_qk_norm:
+            self.attention = SelfAttention(
+                qk_norm=True,
+                qk_norm_epsilon=self.layer_norm_epsilon,
+                **attention_kwargs,
+            )
+        else:
+            self.attention = keras.layers.MultiHeadAttention(**attention_kwargs)
         self.ln_1.build(input_shape)
         self.attention.build(input_shape, input_shape)
         self.ln_2.build(input_shape)
@@ -172,6 +200,8 @@ class EncoderBlock(keras.layers.Layer):
                 "attention_dropout": self.attention_dropout,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "moe_config": self.moe_config,
+                "attention_qk_norm": self.attention_qk_norm,
+                "mlp_activation": self.mlp_activation,
             }
         )
         return config

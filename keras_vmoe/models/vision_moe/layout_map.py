@@ -36,6 +36,7 @@ _REPLICATED = (
     _PREFIX + r"position_embedding/embeddings",
     _PREFIX + r"(?:encoder_block_\d+/ln_[12]|encoder_norm)/(?:gamma|beta)",
     _BLOCK + r"attention/attention_output/bias",
+    _BLOCK + r"attention/(?:query|key)_norm/gamma",
     _BLOCK + r"mlp/dense_2/bias",
     _PREFIX + r"moe/(?:" + "|".join(STATISTICS) + ")",
     _PREFIX + r"(?:head|pre_logits)/(?:kernel|bias)",

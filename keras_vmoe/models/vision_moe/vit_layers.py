@@ -12,13 +12,17 @@ An image goes through these layers in this order:
 Initialisers follow google-research/vmoe (`vmoe/nn/vit_moe.py` and the
 `vit_jax` layers it reuses): LeCun-normal patch kernel, zero class token,
 position embedding N(0, 0.02), Xavier-uniform attention and MLP kernels,
-MLP biases N(0, 1e-6). The dense MLP uses Keras' exact GELU, like the
-experts of `keras_vmoe.layers.MlpExperts` (flax's default is the tanh
-approximation; the two differ by less than 1e-3).
+MLP biases N(0, 1e-6). The dense MLP uses Keras' exact GELU by default,
+like the experts of `keras_vmoe.layers.MlpExperts`; flax's default, and so
+vmoe's, is the tanh approximation (`activation="gelu_approximate"`; the two
+differ by less than 1e-3). `SelfAttention` is Keras' multi-head attention
+with flax's optional query/key normalisation (`qk_norm`).
 """
 
 import keras
 from keras import ops
+
+from keras_vmoe.layers.activations import get_activation, serialize_activation
 
 _PACKAGE = "keras_vmoe"
 
@@ -184,12 +188,82 @@ class SequencePooling(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class SelfAttention(keras.layers.MultiHeadAttention):
+    """Keras' `MultiHeadAttention`, with optional query/key normalisation.
+
+    With `qk_norm=True`, the projected queries and keys of every head are
+    layer-normalised over the head dimension (a learned scale, no bias)
+    before the scaled dot product, as flax's
+    `MultiHeadDotProductAttention(normalize_qk=True)` does (vmoe's
+    `attention_qk_norm`; Dehghani et al. 2023, "Scaling Vision Transformers
+    to 22 Billion Parameters", https://arxiv.org/abs/2302.05442). The
+    scales are the weights `query_norm/gamma` and `key_norm/gamma`
+    `(key_dim,)`. With `qk_norm=False` it is `MultiHeadAttention` itself.
+
+    Args:
+        num_heads: int. Attention heads.
+        key_dim: int. Size of each head.
+        qk_norm: bool. Normalise queries and keys. Defaults to `False`.
+        qk_norm_epsilon: float. Epsilon of those LayerNorms. Defaults to
+            `1e-6` (flax's).
+        **kwargs: `keras.layers.MultiHeadAttention` arguments.
+
+    Example:
+    >>> layer = SelfAttention(num_heads=2, key_dim=4, qk_norm=True)
+    >>> x = keras.ops.ones((2, 5, 8))
+    >>> tuple(layer(x, x).shape), tuple(layer.query_norm.gamma.shape)
+    ((2, 5, 8), (4,))
+    """
+
+    def __init__(
+        self, num_heads, key_dim, qk_norm=False, qk_norm_epsilon=1e-6, **kwargs
+    ):
+        super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
+        self.qk_norm = bool(qk_norm)
+        self.qk_norm_epsilon = float(qk_norm_epsilon)
+        self.query_norm = self.key_norm = None
+        if self.qk_norm:
+            self.query_norm, self.key_norm = (
+                keras.layers.LayerNormalization(
+                    epsilon=self.qk_norm_epsilon,
+                    center=False,
+                    dtype=self.dtype_policy,
+                    name=name,
+                )
+                for name in ("query_norm", "key_norm")
+            )
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        if self.qk_norm:
+            head_shape = (None, None, self.num_heads, self.key_dim)
+            self.query_norm.build(head_shape)
+            self.key_norm.build(head_shape)
+
+    def _compute_attention(self, query, key, value, *args, **kwargs):
+        if self.qk_norm:  # (B, T, heads, key_dim), before the 1/sqrt(key_dim)
+            query = self.query_norm(query)
+            key = self.key_norm(key)
+        return super()._compute_attention(query, key, value, *args, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"qk_norm": self.qk_norm, "qk_norm_epsilon": self.qk_norm_epsilon}
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class MlpBlock(keras.layers.Layer):
     """Dense ViT MLP: Dense(mlp_dim), GELU, dropout, Dense(d), dropout.
 
     Args:
         mlp_dim: int. Hidden size of the MLP.
         dropout_rate: float. Dropout after each Dense. Defaults to `0.0`.
+        activation: str or callable. `"gelu"` (exact), `"gelu_approximate"`
+            (tanh approximation, flax's and vmoe's) or another Keras
+            activation. Defaults to `"gelu"`.
         **kwargs: Base layer arguments.
 
     Example:
@@ -197,14 +271,15 @@ class MlpBlock(keras.layers.Layer):
     (2, 5, 8)
     """
 
-    def __init__(self, mlp_dim, dropout_rate=0.0, **kwargs):
+    def __init__(self, mlp_dim, dropout_rate=0.0, activation="gelu", **kwargs):
         super().__init__(**kwargs)
         self.mlp_dim = int(mlp_dim)
         self.dropout_rate = float(dropout_rate)
+        self.activation = get_activation(activation)
         bias_init = keras.initializers.RandomNormal(stddev=1e-6)
         self.dense_1 = keras.layers.Dense(
             self.mlp_dim,
-            activation="gelu",
+            activation=self.activation,
             kernel_initializer="glorot_uniform",
             bias_initializer=bias_init,
             dtype=self.dtype_policy,
@@ -233,5 +308,11 @@ class MlpBlock(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"mlp_dim": self.mlp_dim, "dropout_rate": self.dropout_rate})
+        config.update(
+            {
+                "mlp_dim": self.mlp_dim,
+                "dropout_rate": self.dropout_rate,
+                "activation": serialize_activation(self.activation),
+            }
+        )
         return config
