@@ -39,7 +39,7 @@ LAYERS = (
     # line and the study sit above it.
     (PACKAGE,),
     ("training", "callbacks"),
-    ("evaluation",),
+    ("evaluation", "convert"),
     # A thin public re-export of models/vision_moe/layout_map.py.
     ("distribution",),
     ("models",),
