@@ -2,7 +2,8 @@
 
 Each benchmark compares variants side by side in one process (warm-up,
 then medians of runs taken in turns). The end-to-end benchmark runs once
-per backend, each in its own process.
+per backend, each in its own process; the conversion benchmark runs each
+step in its own process (peak memory per process).
 """
 
 import json
@@ -10,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks import dispatch_scaling, moe_layer, routing_step, targets
+from benchmarks import convert, dispatch_scaling, moe_layer, routing_step, targets
 from benchmarks.common import machine_description, markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +64,7 @@ def main(path=OUTPUT):
         ),
     ]
     e2e = end_to_end_all_backends()
+    convert_rows = convert.run()
     target_rows = targets.evaluate(layer_rows, routing_rows, scaling_rows, e2e)
     with open(path, "w") as f:
         f.write("# keras_vmoe benchmarks\n\n")
@@ -71,7 +73,8 @@ def main(path=OUTPUT):
             "benchmark times its variants side by side in one process, in "
             "turns, after a warm-up; figures are medians and ratios. The JAX "
             "benchmarks run in this process; the end-to-end one once per "
-            "backend in its own process.\n\n"
+            "backend in its own process, and each step of the conversion one "
+            "in its own process.\n\n"
         )
         for key, value in machine.items():
             f.write(f"- {key}: {value}\n")
@@ -84,6 +87,9 @@ def main(path=OUTPUT):
             f"\n## End-to-end training throughput\n\n{end_to_end.__doc__.strip()}\n\n"
         )
         f.write(markdown_table(e2e, end_to_end.COLUMNS) + "\n")
+        f.write(f"\n## Checkpoint conversion (JAX)\n\n{convert.__doc__.strip()}\n\n")
+        f.write(markdown_table(convert_rows, convert.COLUMNS) + "\n")
+        f.write(f"\n{convert.summary(convert_rows)}\n")
         f.write(f"\n## Against the targets\n\n{targets.__doc__.strip()}\n\n")
         f.write(markdown_table(target_rows, targets.COLUMNS) + "\n")
         f.write(f"\n## GPU\n\n{GPU_NOTE}\n")

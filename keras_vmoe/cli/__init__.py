@@ -25,6 +25,7 @@ _COMMANDS = {
     "train": "keras_vmoe.cli.train",
     "eval": "keras_vmoe.cli.eval",
     "presets": "keras_vmoe.cli.presets",
+    "convert": "keras_vmoe.cli.convert",
 }
 
 

@@ -8,6 +8,13 @@ and `flops_per_image` are the backbone's (forward pass, 2 x multiply-
 accumulates; experts are charged for every slot at the training capacity
 factor); the `--json` output also has the classifier's (with the
 1000-class head).
+
+A second section lists the official V-MoE checkpoints released by
+google-research/vmoe (`keras_vmoe.convert.released`): they are not presets
+but convert into one with `keras-vmoe convert` once downloaded. Their sizes
+come from their vmoe configs through the converter's config mapping (with
+their own heads); E3 ensembles are listed as not convertible. In the
+`--json` output they are entries with `"kind": "released_vmoe_checkpoint"`.
 """
 
 import json
@@ -87,27 +94,146 @@ def preset_table(presets):
     return "\n".join(lines)
 
 
+def released_entries(names=None):
+    """`{name: entry}` of the released V-MoE checkpoints, for the listing.
+
+    Each entry has the checkpoint's description, where to get it, whether it
+    converts and with which command, and, for a convertible one, the
+    backbone's parameters and FLOPs per image (and the classifier's, with
+    the checkpoint's own head), computed from its vmoe config through the
+    converter's config mapping (nothing is built or downloaded).
+
+    Args:
+        names: iterable of str or None. Only these. Defaults to all.
+
+    Example:
+    >>> entry = released_entries()["vmoe_b16_imagenet21k_randaug_strong"]
+    >>> entry["convertible"], entry["num_experts"], entry["image_size"]
+    (True, 8, 224)
+    """
+    from keras_vmoe.convert.released import RELEASED_CHECKPOINTS
+    from keras_vmoe.models.vision_moe import cost
+
+    entries = {}
+    for name, record in RELEASED_CHECKPOINTS.items():
+        if names is not None and name not in names:
+            continue
+        entry = {
+            "kind": "released_vmoe_checkpoint",
+            "convertible": record.supported,
+            "description": record.description,
+            "dataset": record.dataset,
+            "image_size": record.image_size,
+            "prefix": record.prefix,
+            "download_command": record.download_command,
+            "convert_command": record.convert_command,
+            "config_source": record.config_source,
+            "notes": list(record.notes),
+        }
+        if record.supported:
+            backbone, classifier = _released_configs(record)
+            resolved = cost.resolve_backbone_config(backbone)
+            d = resolved["hidden_dim"]
+            n, rep = classifier["num_classes"], classifier.get("representation_size")
+            params = cost.count_backbone_params(backbone)
+            flops = cost.backbone_flops(backbone)
+            entry.update(
+                parameter_count=params,
+                flops_per_image=flops,
+                classifier_parameter_count=params + cost.count_head_params(d, n, rep),
+                classifier_flops_per_image=flops + cost.head_flops(d, n, rep),
+                router=resolved["router"],
+                num_experts=resolved["num_experts"],
+                moe_layers=list(resolved["moe_layer_indices"]),
+                sequence_length=resolved["sequence_length"],
+                num_classes=n,
+            )
+        entries[name] = entry
+    return entries
+
+
+def _released_configs(record):
+    """`(backbone config, classifier config)` of a released checkpoint."""
+    from keras_vmoe.convert import vmoe_config_to_keras
+
+    size = record.image_size
+    backbone, classifier, _ = vmoe_config_to_keras(
+        record.vmoe_config(), (size, size, 3)
+    )
+    return backbone, classifier
+
+
+def released_table(entries):
+    """The text table of the released checkpoints.
+
+    Example:
+    >>> print(released_table({"tiny": {"convertible": False, "image_size": 128}}))
+    name  params  GFLOPs/image  router  experts  image  convert
+    tiny       -             -  -             -    128  no (E3 ensemble)
+    """
+    rows = [("name", "params", "GFLOPs/image", "router", "experts", "image", "convert")]
+    for name, entry in entries.items():
+        if entry["convertible"]:
+            sizes = (
+                human(entry["parameter_count"]),
+                f"{entry['flops_per_image'] / 1e9:.2f}",
+                entry["router"],
+                str(entry["num_experts"]),
+            )
+        else:
+            sizes = ("-", "-", "-", "-")
+        convert = "yes" if entry["convertible"] else "no (E3 ensemble)"
+        rows.append((name, *sizes, str(entry["image_size"]), convert))
+    widths = [max(len(row[i]) for row in rows) for i in range(7)]
+    right = (False, True, True, False, True, True, False)
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(width) if r else cell.ljust(width)
+            for cell, width, r in zip(row, widths, right)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
 def run(args):
     from keras_vmoe.cli.errors import UsageError
+    from keras_vmoe.convert.released import RELEASED_CHECKPOINTS
     from keras_vmoe.models import list_presets
 
     presets = list_presets()
+    released = list(RELEASED_CHECKPOINTS)
     if args.filter:
         presets = {k: v for k, v in presets.items() if args.filter in k}
-        if not presets:
+        released = [k for k in released if args.filter in k]
+        if not presets and not released:
             raise UsageError(f"--filter: no preset name contains {args.filter!r}.")
+    entries = released_entries(released)
     if args.json:
-        print(
-            json.dumps(
-                {k: {c: v.get(c) for c in COLUMNS} for k, v in presets.items()},
-                indent=2,
-            )
-        )
+        listing = {k: {c: v.get(c) for c in COLUMNS} for k, v in presets.items()}
+        listing.update(entries)
+        print(json.dumps(listing, indent=2))
         return 0
-    print(preset_table(presets))
-    print(
-        f"{len(presets)} presets. params and GFLOPs/image: backbone, forward pass "
-        "(2 x multiply-accumulates); load one with "
-        "keras_vmoe.models.from_preset(NAME, num_classes=...)."
-    )
+    if presets:
+        print(preset_table(presets))
+        print(
+            f"{len(presets)} presets. params and GFLOPs/image: backbone, forward pass "
+            "(2 x multiply-accumulates); load one with "
+            "keras_vmoe.models.from_preset(NAME, num_classes=...)."
+        )
+    if entries:
+        if presets:
+            print()
+        print(
+            "Official V-MoE checkpoints (google-research/vmoe, gs://vmoe_checkpoints/), "
+            "convertible into presets:"
+        )
+        print(released_table(entries))
+        convertible = sum(entry["convertible"] for entry in entries.values())
+        print(
+            f"{len(entries)} released checkpoints, {convertible} convertible. Download "
+            "one with `gsutil -m cp 'gs://vmoe_checkpoints/NAME.*' checkpoints/`, then "
+            "`keras-vmoe convert --checkpoint checkpoints/NAME --config NAME "
+            "--output DIR`."
+        )
     return 0

@@ -24,7 +24,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GUIDES_DIR = os.path.join(ROOT, "guides")
-GUIDES = ("routers_tour", "pretraining", "fewshot", "router_study", "scaling_out")
+GUIDES = (
+    "routers_tour",
+    "pretraining",
+    "fewshot",
+    "router_study",
+    "scaling_out",
+    "converting_checkpoints",
+)
 # Extra environment per guide (scaling_out simulates 8 devices on the CPU).
 GUIDE_ENV = {"scaling_out": {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}}
 # Files each guide writes into its working directory (glob patterns), and
@@ -47,6 +54,12 @@ EXPECTED_FILES = {
         "tmp/router_study_*/routing.png",
     ),
     "scaling_out": (),
+    "converting_checkpoints": (
+        "converted/vmoe_tc_k2_bpr/config.json",
+        "converted/vmoe_tc_k2_bpr/metadata.json",
+        "converted/vmoe_tc_k2_bpr/model.weights.h5",
+        "finetuned_animal_mnist/config.json",
+    ),
 }
 EXPECTED_OUTPUT = {
     "routers_tour": (
@@ -63,6 +76,13 @@ EXPECTED_OUTPUT = {
     "fewshot": ("fewshot/digits/25shot",),
     "router_study": ("exit status: 0", "is not prepared"),
     "scaling_out": ("every weight is laid out as the layout map says",),
+    "converting_checkpoints": (
+        "exit status: 0",
+        "weights: converted",
+        "matches vmoe to 1e-4: True",
+        "same logits as the preset: True",
+        "fine-tuned test accuracy:",
+    ),
 }
 GUIDE_TIMEOUT_S = 420
 ON_JAX = keras.backend.backend() == "jax"
