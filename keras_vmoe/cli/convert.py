@@ -162,7 +162,7 @@ def convert(prefix, config, source, output, name=None):
         The converted `VisionMoEImageClassifier`.
     """
     from keras_vmoe.convert import from_vmoe_checkpoint
-    from keras_vmoe.models.vision_moe.presets import preset_metadata
+    from keras_vmoe.models.vision_moe.presets import add_preset_metadata
     from keras_vmoe.utils.atomic import atomic_directory
 
     name = name or os.path.basename(os.path.normpath(output))
@@ -185,24 +185,14 @@ def convert(prefix, config, source, output, name=None):
         model = from_vmoe_checkpoint(prefix, config)
         source["ignored_vmoe_options"] = _ignored_options(config, model)
         model.save_to_preset(staging)
-        path = os.path.join(staging, "metadata.json")
-        meta = {}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-        meta.update(
-            preset_metadata(
-                model.backbone.get_config(),
-                model.get_config(),
-                name=name,
-                description=description,
-                weights="converted",
-                source=source,
-            )
+        add_preset_metadata(
+            staging,
+            model,
+            name=name,
+            description=description,
+            weights="converted",
+            source=source,
         )
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=4)
-            f.write("\n")
     return model
 
 

@@ -191,35 +191,28 @@ def save_trained_preset(model, cfg, recipe, total, epochs):
 
 def write_metadata(preset_dir, model, cfg, recipe, total, epochs, final):
     """Adds sizes, cost and the training run to the preset's metadata.json."""
-    from keras_vmoe.models.vision_moe.presets import preset_metadata
+    from keras_vmoe.models.vision_moe.presets import add_preset_metadata
 
-    path = os.path.join(preset_dir, "metadata.json")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    meta.update(
-        preset_metadata(
-            model.backbone.get_config(),
-            model.get_config(),
-            name=os.path.basename(os.path.normpath(cfg["output"])),
-            description=(
-                f"{cfg['preset']} trained on {cfg['dataset']} for {total} steps "
-                "by keras-vmoe train."
-            ),
-            weights="trained",
-            training={
-                "dataset": cfg["dataset"],
-                "train_split": cfg["train_split"],
-                "eval_split": cfg["eval_split"],
-                "recipe": recipe,
-                "steps": total,
-                "epochs": epochs,
-                "batch_size": cfg["batch_size"],
-                "learning_rate": cfg["learning_rate"],
-                "seed": cfg["seed"],
-                "source_preset": str(cfg["preset"]),
-                "final_metrics": final,
-            },
-        )
+    add_preset_metadata(
+        preset_dir,
+        model,
+        name=os.path.basename(os.path.normpath(cfg["output"])),
+        description=(
+            f"{cfg['preset']} trained on {cfg['dataset']} for {total} steps "
+            "by keras-vmoe train."
+        ),
+        weights="trained",
+        training={
+            "dataset": cfg["dataset"],
+            "train_split": cfg["train_split"],
+            "eval_split": cfg["eval_split"],
+            "recipe": recipe,
+            "steps": total,
+            "epochs": epochs,
+            "batch_size": cfg["batch_size"],
+            "learning_rate": cfg["learning_rate"],
+            "seed": cfg["seed"],
+            "source_preset": str(cfg["preset"]),
+            "final_metrics": final,
+        },
     )
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=4)

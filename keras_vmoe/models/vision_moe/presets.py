@@ -268,6 +268,31 @@ def preset_metadata(
     }
 
 
+def add_preset_metadata(preset_dir, model, **entries):
+    """Merges `preset_metadata` of a saved classifier into its metadata.json.
+
+    Keeps what `save_to_preset` wrote (e.g. keras-hub's version) and adds or
+    replaces the V-MoE entries: sizes, cost, layout and `entries`.
+
+    Args:
+        preset_dir: str. A folder `model.save_to_preset` wrote.
+        model: `VisionMoEImageClassifier`. The saved classifier.
+        **entries: `preset_metadata` arguments (`name`, `description`,
+            `weights`, and extra entries such as `training={...}`).
+    """
+    path = os.path.join(preset_dir, "metadata.json")
+    meta = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    meta.update(
+        preset_metadata(model.backbone.get_config(), model.get_config(), **entries)
+    )
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=4)
+        f.write("\n")
+
+
 def generate_presets(out_dir=None, names=None):
     """Writes the preset folders (config.json, task.json, metadata.json).
 
