@@ -215,15 +215,24 @@ def _swap_in(tmp, path):
     _remove(old)
 
 
-class AtomicPresetSave:
-    """Mixin making a keras-hub model's `save_to_preset` atomic.
+def atomic_preset_save(cls):
+    """Class decorator making a keras-hub model's `save_to_preset` atomic.
 
-    Put it before the keras-hub base class (`class M(AtomicPresetSave,
-    Backbone)`): the base's files (`config.json`, weights, and for a task
-    `task.json` with the backbone's files) are written into a temporary
+    The inherited `save_to_preset` writes its files (`config.json`, weights,
+    and for a task `task.json` with the backbone's files) into a temporary
     sibling folder that then replaces `preset_dir` (see `atomic_directory`),
-    so an interrupted save leaves the previous preset as it was.
+    so an interrupted save leaves the previous preset as it was. A decorator
+    rather than a base class: keras-hub names a task in a preset's
+    `metadata.json` by its first base class, which must stay the keras-hub
+    one (`ImageClassifier`).
+
+    Args:
+        cls: a subclass of a keras-hub `Backbone` or `Task`.
+
+    Returns:
+        `cls`, with `save_to_preset` replaced.
     """
+    save = cls.save_to_preset
 
     def save_to_preset(self, preset_dir, max_shard_size=10):
         """Saves the model as a keras-hub preset folder, atomically.
@@ -238,4 +247,7 @@ class AtomicPresetSave:
             FileExistsError: `preset_dir` holds files but no `config.json`.
         """
         with atomic_directory(preset_dir) as staging:
-            super().save_to_preset(staging, max_shard_size=max_shard_size)
+            save(self, staging, max_shard_size=max_shard_size)
+
+    cls.save_to_preset = save_to_preset
+    return cls

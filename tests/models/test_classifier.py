@@ -139,3 +139,18 @@ def test_trained_loss_is_data_loss_plus_auxiliary_loss(images):
     history = model.fit(images, LABELS, batch_size=4, epochs=1, verbose=0)
     np.testing.assert_allclose(history.history["loss"][0], data + sum(aux), rtol=1e-5)
     assert history.history["loss"][0] > data + 1e-3
+
+
+def test_saved_preset_names_its_task_as_keras_hub_expects(tmp_path):
+    # keras-hub lists a preset's compatible tasks by each task class's first
+    # base class: ImageClassifier, not a helper of this package.
+    import json
+
+    import keras_hub
+
+    model = VisionMoEImageClassifier(VisionMoEBackbone(**TINY), num_classes=3)
+    model.save_to_preset(str(tmp_path / "preset"))
+    with open(tmp_path / "preset" / "metadata.json") as f:
+        assert json.load(f)["tasks"] == ["ImageClassifier"]
+    loaded = keras_hub.models.ImageClassifier.from_preset(str(tmp_path / "preset"))
+    assert type(loaded) is VisionMoEImageClassifier

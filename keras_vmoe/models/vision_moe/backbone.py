@@ -14,14 +14,15 @@ from keras_vmoe.models.vision_moe.config import (
     check_backbone_arguments,
 )
 from keras_vmoe.models.vision_moe.encoder_block import EncoderBlock
-from keras_vmoe.utils.atomic import AtomicPresetSave
+from keras_vmoe.utils.atomic import atomic_preset_save
 
 # keras-hub `Backbone` arguments that a `get_config()` also holds.
 _BASE_ARGUMENTS = frozenset({"name", "trainable", "dtype"})
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class VisionMoEBackbone(AtomicPresetSave, Backbone):
+@atomic_preset_save
+class VisionMoEBackbone(Backbone):
     """Vision Transformer with Mixture-of-Experts MLP blocks (V-MoE).
 
     The V-MoE of Riquelme et al. 2021 ("Scaling Vision with Sparse Mixture

@@ -15,7 +15,7 @@ from keras_vmoe.models.vision_moe.losses import (
     ClassificationCrossEntropy,
     is_sparse_labels,
 )
-from keras_vmoe.utils.atomic import AtomicPresetSave
+from keras_vmoe.utils.atomic import atomic_preset_save
 from keras_vmoe.utils.checks import check_positive_int, check_rate
 
 _ACTIVATIONS = (None, "softmax", "sigmoid")
@@ -51,7 +51,8 @@ class Top1Accuracy(keras.metrics.MeanMetricWrapper):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class VisionMoEImageClassifier(AtomicPresetSave, ImageClassifier):
+@atomic_preset_save
+class VisionMoEImageClassifier(ImageClassifier):
     """Image classifier on a `VisionMoEBackbone` (V-MoE head).
 
     Pooled backbone features go through an optional pre-logits layer
