@@ -5,8 +5,12 @@ separately), warm up, then take the median of repeated runs. Report ratios;
 the machines are shared and noisy.
 """
 
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import keras
@@ -127,3 +131,35 @@ def markdown_table(rows, columns):
             cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_json_script(script, what, **env):
+    """Runs `script` in a fresh Python process; returns its last `JSON...` line.
+
+    The script prints its result as one line `JSON<json text>`. A fresh
+    process gives each measurement its own backend, compilation cache and
+    peak memory.
+
+    Args:
+        script: str. Python source.
+        what: str. What runs, for the error message.
+        **env: environment variables set for the process.
+
+    Raises:
+        RuntimeError: the process failed or printed no `JSON` line (with the
+            end of its standard error).
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, **env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("JSON")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][4:])

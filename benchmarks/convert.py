@@ -22,17 +22,13 @@ of the model would make it 1 or more.
 """
 
 import importlib.util
-import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
-from benchmarks.common import markdown_table
+from benchmarks.common import ROOT, markdown_table, run_json_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = "vmoe_b16_imagenet21k_randaug_strong"
 NUM_SHARDS = 8
 LAYOUTS = ("whole arrays", "experts split")
@@ -130,18 +126,7 @@ def run_step(step, prefix, output, size):
     """`{"seconds", "peak"}` of one step, run in a fresh process."""
     script = "import json, time\n" + _STEPS[step] + _FOOTER
     script = script.format(prefix=prefix, config=CHECKPOINT, output=output, size=size)
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("JSON")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"{step} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][4:])
+    return run_json_script(script, step, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def run(workdir=None):

@@ -6,15 +6,10 @@ per backend, each in its own process; the conversion benchmark runs each
 step in its own process (peak memory per process).
 """
 
-import json
 import os
-import subprocess
-import sys
 
 from benchmarks import convert, dispatch_scaling, moe_layer, routing_step, targets
-from benchmarks.common import machine_description, markdown_table
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import ROOT, machine_description, markdown_table, run_json_script
 
 _E2E = (
     "import json; from benchmarks import end_to_end; "
@@ -25,18 +20,9 @@ _E2E = (
 def end_to_end_all_backends():
     rows = []
     for backend in ("jax", "tensorflow", "torch"):
-        env = dict(os.environ, KERAS_BACKEND=backend)
-        out = subprocess.run(
-            [sys.executable, "-c", _E2E],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        rows.extend(
+            run_json_script(_E2E, f"end_to_end on {backend}", KERAS_BACKEND=backend)
         )
-        lines = [line for line in out.stdout.splitlines() if line.startswith("JSON")]
-        if out.returncode or not lines:
-            raise RuntimeError(f"end_to_end on {backend} failed:\n{out.stderr[-3000:]}")
-        rows.extend(json.loads(lines[-1][4:]))
     return rows
 
 
