@@ -1,4 +1,4 @@
-"""Models: `VisionMoEBackbone`, `VisionMoEImageClassifier` and presets.
+"""Models: `VisionMoEBackbone`, `VisionMoEImageClassifier`, presets, `upcycle`.
 
 One folder per model family (`vision_moe/`); `preset_loader` loads any
 family's presets (the classes come from the preset's files).
@@ -32,6 +32,7 @@ from keras_vmoe.models.vision_moe.presets import (
     list_presets,
     register_with_keras_hub,
 )
+from keras_vmoe.models.vision_moe.upcycle import upcycle
 
 register_with_keras_hub()
 
@@ -51,4 +52,5 @@ __all__ = [
     "list_presets",
     "parse_moe_layers",
     "presets_dir",
+    "upcycle",
 ]
