@@ -5,6 +5,7 @@
     keras-vmoe eval      test and few-shot accuracy of a trained preset
     keras-vmoe presets   the built-in presets with parameters and FLOPs
     keras-vmoe demo      route and train a tiny MoE stack with every router
+    keras-vmoe upcycle   turn a dense ViT preset into a V-MoE preset
 
 Each subcommand lives in its own module of this package (listed in
 `_COMMANDS`). No library module imports from here.
@@ -26,6 +27,7 @@ _COMMANDS = {
     "eval": "keras_vmoe.cli.eval",
     "presets": "keras_vmoe.cli.presets",
     "convert": "keras_vmoe.cli.convert",
+    "upcycle": "keras_vmoe.cli.upcycle",
 }
 
 

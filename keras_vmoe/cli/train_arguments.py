@@ -45,6 +45,8 @@ DEFAULTS = {
     "seed": 0,
     "data_dir": None,
     "tensorboard": False,
+    "lr_schedule": "restart",
+    "freeze_non_experts": False,
 }
 RUN_FILE = "run.json"
 
@@ -98,6 +100,18 @@ def add_arguments(parser):
         default=None,
         help="Also write the epoch logs (loss, routing/..., ...) as TensorBoard "
         "scalars to OUTPUT/tensorboard.",
+    )
+    a(
+        "--lr-schedule",
+        choices=("restart", "continue"),
+        help="For an upcycled preset: restart (warm up again, default) or "
+        "continue (no warmup, start at --learning-rate).",
+    )
+    a(
+        "--freeze-non-experts",
+        action="store_true",
+        default=None,
+        help="Train only the MoE layers (routers, experts) and the head.",
     )
     a("--output", help="Run folder (default runs/PRESET-DATASET).")
     a("--resume", action="store_true", help="Continue the run in --output.")

@@ -41,10 +41,12 @@ def compile_for_run(model, cfg, total_steps):
 
     `--recipe auto` is the Soft MoE recipe for models whose router returns
     a `SoftRouting` (Soft MoE) and that pool by averaging, else the V-MoE
-    recipe.
+    recipe. `--lr-schedule` and `--freeze-non-experts` (for upcycled
+    presets) are applied first (`keras_vmoe.training.upcycling`).
     """
     from keras_vmoe.routers import SoftRouting, get_class
     from keras_vmoe.training.recipe import compile_with_recipe
+    from keras_vmoe.training.upcycling import apply_upcycling_options
 
     recipe = cfg["recipe"]
     if recipe == "auto":
@@ -56,12 +58,18 @@ def compile_for_run(model, cfg, total_steps):
         )
         recipe = "soft_moe" if soft else "vmoe"
     try:
+        warmup_steps = apply_upcycling_options(
+            model,
+            cfg.get("lr_schedule", "restart"),
+            cfg.get("freeze_non_experts", False),
+            cfg["warmup_steps"],
+        )
         compile_with_recipe(
             model,
             recipe,
             total_steps=total_steps,
             peak_learning_rate=cfg["learning_rate"],
-            warmup_steps=cfg["warmup_steps"],
+            warmup_steps=warmup_steps,
             weight_decay=cfg["weight_decay"],
             loss=cfg["loss"],
             label_smoothing=cfg["label_smoothing"],

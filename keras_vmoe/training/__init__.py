@@ -19,6 +19,10 @@ from keras_vmoe.training.schedules import (
     WarmupRsqrtCooldown,
     warmup_cosine,
 )
+from keras_vmoe.training.upcycling import (
+    apply_upcycling_options,
+    freeze_non_expert_weights,
+)
 
 __all__ = [
     "BackupAndRestoreWithRNG",
@@ -35,4 +39,6 @@ __all__ = [
     "WarmupLinearDecay",
     "WarmupRsqrtCooldown",
     "warmup_cosine",
+    "apply_upcycling_options",
+    "freeze_non_expert_weights",
 ]
