@@ -31,6 +31,7 @@ GUIDES = (
     "router_study",
     "scaling_out",
     "converting_checkpoints",
+    "upcycling",
 )
 # Extra environment per guide (scaling_out simulates 8 devices on the CPU).
 GUIDE_ENV = {"scaling_out": {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}}
@@ -60,6 +61,11 @@ EXPECTED_FILES = {
         "converted/vmoe_tc_k2_bpr/model.weights.h5",
         "finetuned_animal_mnist/config.json",
     ),
+    "upcycling": (
+        "upcycled_preset/config.json",
+        "upcycled_preset/model.weights.h5",
+        "upcycled_run/preset/config.json",
+    ),
 }
 EXPECTED_OUTPUT = {
     "routers_tour": (
@@ -82,6 +88,15 @@ EXPECTED_OUTPUT = {
         "matches vmoe to 1e-4: True",
         "same logits as the preset: True",
         "fine-tuned test accuracy:",
+    ),
+    "upcycling": (
+        "every expert equals the dense MLP: True",
+        "head copied: True",
+        "same outputs as the dense model: True",
+        "exit status: 0",
+        "router of the preset: softmax_expert_choice",
+        "keras-hub ViT, pooling of the V-MoE: gap",
+        "channels_first: keras-hub ViTBackbone option `data_format=",
     ),
 }
 GUIDE_TIMEOUT_S = 420
