@@ -8,7 +8,14 @@ step in its own process (peak memory per process).
 
 import os
 
-from benchmarks import convert, dispatch_scaling, moe_layer, routing_step, targets
+from benchmarks import (
+    convert,
+    dispatch_scaling,
+    moe_layer,
+    routing_step,
+    targets,
+    upcycling,
+)
 from benchmarks.common import ROOT, machine_description, markdown_table, run_json_script
 
 _E2E = (
@@ -78,6 +85,9 @@ def main(path=OUTPUT):
         f.write(f"\n{convert.summary(convert_rows)}\n")
         f.write(f"\n## Against the targets\n\n{targets.__doc__.strip()}\n\n")
         f.write(markdown_table(target_rows, targets.COLUMNS) + "\n")
+        if os.path.isfile(upcycling.RESULTS_PATH):  # saved by its own, longer run
+            with open(upcycling.RESULTS_PATH) as saved:
+                f.write(f"\n## Sparse upcycling on Animal-MNIST\n\n{saved.read()}")
         f.write(f"\n## GPU\n\n{GPU_NOTE}\n")
     print(open(path).read())
 
