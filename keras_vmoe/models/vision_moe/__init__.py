@@ -4,8 +4,9 @@ One folder, read top to bottom: `vit_layers` (patches, class token, position
 embedding, MLP), `encoder_block` (attention + MLP or MoE), `config` (argument
 checks and the derived layout), `backbone`, `image_converter` and
 `image_classifier_preprocessor` (resize and scale raw images),
-`image_classifier` (with `losses`), `layout_map` (sharding with `keras.distribution`), `cost`
-(parameters and FLOPs from a config) and `presets`.
+`image_classifier` (with `losses`), `layout_map` (sharding with
+`keras.distribution`), `cost` (parameters and FLOPs from a config) and
+`presets`.
 """
 
 from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
