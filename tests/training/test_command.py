@@ -221,6 +221,8 @@ def test_train_command_end_to_end(tmp_path, capsys):
     )
     # It trained without a preprocessor and was saved with one, for its size.
     assert "preprocessor.json" in os.listdir(os.path.join(out, "preset"))
+    with open(os.path.join(out, "preset", "metadata.json")) as f:
+        assert json.load(f)["tasks"] == ["ImageClassifier"]
     preprocessor = from_preset(os.path.join(out, "preset")).preprocessor
     assert isinstance(preprocessor, VisionMoEImageClassifierPreprocessor)
     assert preprocessor.image_size == (16, 16)

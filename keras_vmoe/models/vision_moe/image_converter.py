@@ -40,10 +40,11 @@ class VisionMoEImageConverter(ImageConverter):
 
     Example:
     >>> import numpy as np
-    >>> converter = VisionMoEImageConverter(image_size=(2, 2))
-    >>> images = np.full((1, 4, 6, 3), 255, dtype="uint8")
-    >>> np.asarray(converter(images)).reshape(-1).tolist()[:3]
-    [1.0, 1.0, 1.0]
+    >>> converter = VisionMoEImageConverter(image_size=(8, 8))
+    >>> images = np.zeros((2, 40, 60, 3), dtype="uint8")  # black: 0 -> -1
+    >>> out = np.asarray(converter(images))
+    >>> out.shape, float(out.min()), float(out.max())
+    ((2, 8, 8, 3), -1.0, -1.0)
     """
 
     backbone_cls = VisionMoEBackbone
