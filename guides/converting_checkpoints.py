@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 import keras_vmoe
-from keras_vmoe import cli, convert, data, evaluation, models, training
+from keras_vmoe import cli, convert, data, models, training
 from keras_vmoe.convert import released
 
 # Quick mode (used by the tests) fine-tunes on fewer images so the guide runs
@@ -167,8 +167,11 @@ print("ignored vmoe options:", metadata["source"]["ignored_vmoe_options"])
 """
 ## Classifying images
 
-`from_preset` loads the converted model like any preset. vmoe models take
-images with values in [-1, 1]; the test images in `io.npz` already are. The
+`from_preset` loads the converted model like any preset, with the
+preprocessor that `keras-vmoe convert` saved in it: `predict`, `evaluate` and
+`fit` resize raw images (0..255) to the model's size and scale them to
+[-1, 1], the range vmoe models take. Calling the model directly skips the
+preprocessor; the test images in `io.npz` are in [-1, 1] already. The
 model must reproduce vmoe's logits to float32 rounding: the routing (which
 tokens each expert takes, which ones are dropped when an expert is full) is
 the same, and so are the numerics that matter (flax's tanh-approximated
@@ -213,28 +216,28 @@ print("same logits as the preset:", bool(np.allclose(again, logits, atol=1e-6)))
 A converted preset is a starting point for fine-tuning, as vmoe's own
 fine-tuning configs use the released checkpoints. `from_preset` with a new
 `num_classes` keeps the converted backbone and gives the classifier a fresh
-head. The task here is Animal-MNIST (bundled, 10 classes of 28x28 grayscale
-images), resized to the model's 24x24 input and repeated to 3 channels,
-values in [-1, 1] as vmoe expects.
+head, and the preset's preprocessor. The task here is Animal-MNIST (bundled,
+10 classes of 28x28 grayscale images): the raw uint8 images, repeated to 3
+channels, go to `fit()` as they are; the preprocessor resizes them to the
+model's 24x24 input and scales them to [-1, 1] as vmoe expects.
 
 The recipe follows vmoe's fine-tuning configs (e.g.
 `vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012.py`): SGD with
 momentum 0.9, a linear warmup then cosine decay, gradient clipping at global
 norm 10, softmax cross-entropy. Batches hold a whole number of routing
-groups. `load_arrays` returns the images in a fixed random permutation, and
-`fit()` keeps that order (`shuffle=False`).
+groups. `bundled_arrays` returns the images in a fixed random permutation,
+and `fit()` keeps that order (`shuffle=False`).
 """
 
 num_train, num_test, epochs = (512, 256, 2) if QUICK else (4000, 1000, 4)
-size = evaluation.model_image_shape(model)[:2]
-x_train, y_train = data.load_arrays(
-    "animal_mnist", "train", image_size=size, channels=3
-)
-x_test, y_test = data.load_arrays("animal_mnist", "test", image_size=size, channels=3)
-x_train, y_train = x_train[:num_train], y_train[:num_train]
-x_test, y_test = x_test[:num_test], y_test[:num_test]
+x_train, y_train = data.bundled_arrays("animal_mnist", "train")
+x_test, y_test = data.bundled_arrays("animal_mnist", "test")
+x_train, y_train = np.repeat(x_train[:num_train], 3, axis=-1), y_train[:num_train]
+x_test, y_test = np.repeat(x_test[:num_test], 3, axis=-1), y_test[:num_test]
+print("raw images:", x_train.shape, x_train.dtype)
 
 finetune = models.from_preset(output, num_classes=10, loss_type="softmax")
+print("preprocessor resizes to:", finetune.preprocessor.image_size)
 batch_size = 32
 steps = epochs * (num_train // batch_size)
 schedule = training.warmup_cosine(0.01, steps, warmup_steps=steps // 10)
@@ -268,7 +271,7 @@ state out of the preset.
 finetune.compile()
 finetune.save_to_preset("finetuned_animal_mnist")
 reloaded = models.from_preset("finetuned_animal_mnist")
-check = keras.ops.convert_to_numpy(reloaded(x_test[:4], training=False))
+check = reloaded.predict(x_test[:4], verbose=0)  # raw images, preprocessed
 print("reloaded:", check.shape)
 
 """

@@ -2,7 +2,7 @@
 Title: Few-shot transfer evaluation
 Author: keras_vmoe team
 Date created: 2026/11/29
-Last modified: 2026/11/29
+Last modified: 2026/12/03
 Description: Measure how well frozen V-MoE features transfer, with closed-form few-shot linear probes.
 Accelerator: GPU
 """
@@ -55,9 +55,12 @@ results. The transfer dataset is scikit-learn's bundled `digits`.
 ## The transfer dataset
 
 `keras_vmoe.data.load_arrays` returns a small dataset split as NumPy arrays in
-[-1, 1]. The bundled `digits` dataset holds 1,797 8x8 images of handwritten
-digits: 1,437 for training and 360 for testing. We resize them to the input
-size of our model and repeat the gray channel to RGB.
+[-1, 1], resized and scaled as the model's own preprocessor
+(`VisionMoEImageConverter`) would: the callback below feeds the images to the
+model's layers directly, where no preprocessor runs. The bundled `digits`
+dataset holds 1,797 8x8 images of handwritten digits: 1,437 for training and
+360 for testing. We resize them to the input size of our model and repeat
+the gray channel to RGB.
 """
 
 x_train, y_train = data.load_arrays(
@@ -166,6 +169,7 @@ else:
 
 model = models.from_preset(
     "vmoe_softmax_ec_s32_e32_224",
+    preprocessor=None,  # The pipeline's batches are preprocessed already.
     num_classes=len(data.ANIMAL_MNIST_CLASSES),
     image_size=IMAGE_SIZE,
     patch_size=4,

@@ -2,7 +2,7 @@
 Title: Pre-training a V-MoE with fit()
 Author: keras_vmoe team
 Date created: 2026/11/29
-Last modified: 2026/11/29
+Last modified: 2026/12/03
 Description: Train a Vision MoE from a preset with the V-MoE recipe, routing logs and resumable backups.
 Accelerator: GPU
 """
@@ -110,6 +110,12 @@ constructor argument can be overridden. Here we start from the V-MoE S/32 with
 Softmax Token Choice routing and shrink it to fit the small images: a patch
 size of 4, fewer and narrower blocks, and fewer experts. The MoE layers route
 groups of `group_size` images together.
+
+A preset's classifier carries a preprocessor, as keras-hub tasks do:
+`fit`, `evaluate` and `predict` resize raw images and scale them to [-1, 1].
+The pipelines above have done that already (keras-hub calls this split
+preprocessing), so the model is built without it, `preprocessor=None`; it
+gets one back before it is saved as a preset.
 """
 
 for name, meta in models.list_presets().items():
@@ -125,6 +131,7 @@ else:
 
 model = models.from_preset(
     "vmoe_softmax_tc_s32_e32_224",
+    preprocessor=None,  # The pipelines' batches are preprocessed already.
     num_classes=NUM_CLASSES,
     image_size=IMAGE_SIZE,
     patch_size=4,
@@ -354,8 +361,10 @@ for index in backbone.moe_layer_indices:
 
 `ModelCheckpoint` wrote the weights of the epoch with the best validation
 accuracy. `save_to_preset` writes the trained model as a keras-hub preset
-folder (configuration and weights), which `from_preset` loads back like a
-built-in preset.
+folder (configuration, weights and preprocessor), which `from_preset` loads
+back like a built-in preset. With its preprocessor back on, the model takes
+raw images: here the uint8 28x28 grayscale test images, repeated to RGB,
+which it resizes and scales itself.
 """
 
 model.load_weights(os.path.join(WORK_DIR, "best.weights.h5"))
@@ -363,12 +372,20 @@ loss, accuracy = model.evaluate(test_ds, verbose=0)[:2]
 print(f"best checkpoint: validation accuracy {accuracy:.3f}")
 
 preset_dir = os.path.join(WORK_DIR, "preset")
+model.preprocessor = models.VisionMoEImageClassifierPreprocessor.for_backbone(backbone)
 model.save_to_preset(preset_dir)
 print("preset files:", sorted(os.listdir(preset_dir)))
 # `compile=False` skips the default compile: we compile with the recipe's loss.
 restored = models.from_preset(preset_dir, compile=False)
 restored.compile(loss=training.SigmoidCrossEntropy(), metrics=[models.Top1Accuracy()])
-print("restored accuracy:", restored.evaluate(test_ds, verbose=0)[1])
+raw_images, raw_labels = data.bundled_arrays("animal_mnist", "test")
+raw_images = np.repeat(raw_images[:TEST_EXAMPLES], 3, axis=-1)  # gray to RGB
+raw_labels = np.eye(NUM_CLASSES, dtype="float32")[raw_labels[:TEST_EXAMPLES]]
+print("raw test images:", raw_images.shape, raw_images.dtype)
+restored_accuracy = restored.evaluate(
+    raw_images, raw_labels, batch_size=BATCH_SIZE, verbose=0
+)[1]
+print(f"restored accuracy on raw images: {restored_accuracy:.3f}")
 
 """
 ## Next steps

@@ -2,7 +2,7 @@
 Title: Comparing routers: the router study
 Author: keras_vmoe team
 Date created: 2026/11/29
-Last modified: 2026/11/29
+Last modified: 2026/12/03
 Description: Run the paper's router comparison with keras-vmoe study, read its results, and scale it up.
 Accelerator: GPU
 """
@@ -230,7 +230,8 @@ guide spreads the experts over several devices):
 
 ```python
 for preset in ("vmoe_softmax_tc_b16_e32_224", "vmoe_softmax_ec_b16_e32_224"):
-    model = models.from_preset(preset, num_classes=1000)
+    # The pipeline resizes and scales: no preprocessor on the model.
+    model = models.from_preset(preset, num_classes=1000, preprocessor=None)
     train = data.train_pipeline(
         data.load("imagenet2012", "train", shuffle_files=True),
         image_size=224, batch_size=1024, num_classes=1000,

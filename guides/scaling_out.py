@@ -2,7 +2,7 @@
 Title: Scaling out with expert parallelism
 Author: keras_vmoe team
 Date created: 2026/11/29
-Last modified: 2026/11/29
+Last modified: 2026/12/03
 Description: Shard the experts of a V-MoE across a device mesh with keras.distribution.
 Accelerator: GPU
 """
@@ -131,6 +131,7 @@ else:
     overrides.update(group_size=8, moe_layers="every:2")
 model = models.from_preset(
     "vmoe_softmax_ec_s32_e32_224",
+    preprocessor=None,  # The pipelines' batches are preprocessed already.
     num_classes=len(data.ANIMAL_MNIST_CLASSES),
     image_size=IMAGE_SIZE,
     patch_size=4,
@@ -226,6 +227,7 @@ no noise at inference, so the routing is the same.
 keras.distribution.set_distribution(None)
 single_device = models.from_preset(
     "vmoe_softmax_ec_s32_e32_224",
+    preprocessor=None,  # The pipelines' batches are preprocessed already.
     num_classes=len(data.ANIMAL_MNIST_CLASSES),
     image_size=IMAGE_SIZE,
     patch_size=4,

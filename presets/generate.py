@@ -3,7 +3,8 @@
     python presets/generate.py            # all presets
     python presets/generate.py NAME ...   # only these
 
-Each folder gets `config.json` (backbone), `task.json` (classifier) and
+Each folder gets `config.json` (backbone), `task.json` (classifier),
+`preprocessor.json` and `image_converter.json` (the preprocessing) and
 `metadata.json` (description, parameter count, FLOPs per image), computed
 from the definitions in `keras_vmoe/models/vision_moe/presets.py` without building the
 models. Edit the definitions there, not the JSON files.

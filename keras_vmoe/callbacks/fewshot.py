@@ -128,9 +128,12 @@ class FewShotEvaluator(callbacks.Callback):
     the model's layer named `"pre_logits"` (`layer_name`), which the
     keras_vmoe classifiers expose: the callback builds
     `keras.Model(model.inputs, model.get_layer("pre_logits").output)` once
-    and runs it with `predict_on_batch` (any backend). Images must already
-    be preprocessed as the model expects (e.g. by
-    `keras_vmoe.data.eval_pipeline` or `load_arrays`).
+    and runs it with `predict_on_batch` (any backend). That graph starts at
+    the backbone's input, so a classifier's `preprocessor` does not run:
+    images must already be preprocessed as the model expects, e.g. by
+    `keras_vmoe.data.eval_pipeline` or `load_arrays` (`from_dataset_names`
+    uses it), which resize and scale exactly as the model's
+    `VisionMoEImageConverter` does (`keras_vmoe.utils.pixels.scale_pixels`).
 
     Models that route images in groups (`model_group_size`: a keras_vmoe
     classifier's `backbone.group_size`) get whole groups, through

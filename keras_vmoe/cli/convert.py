@@ -162,6 +162,7 @@ def convert(prefix, config, source, output, name=None):
         The converted `VisionMoEImageClassifier`.
     """
     from keras_vmoe.convert import from_vmoe_checkpoint
+    from keras_vmoe.models import VisionMoEImageClassifierPreprocessor
     from keras_vmoe.models.vision_moe.presets import add_preset_metadata
     from keras_vmoe.utils.atomic import atomic_directory
 
@@ -184,7 +185,13 @@ def convert(prefix, config, source, output, name=None):
     with atomic_directory(output) as staging:
         model = from_vmoe_checkpoint(prefix, config)
         source["ignored_vmoe_options"] = _ignored_options(config, model)
+        # The preset gets the preprocessing vmoe's models expect (resize,
+        # scale to [-1, 1]); the returned model takes images in [-1, 1].
+        model.preprocessor = VisionMoEImageClassifierPreprocessor.for_backbone(
+            model.backbone
+        )
         model.save_to_preset(staging)
+        model.preprocessor = None
         add_preset_metadata(
             staging,
             model,

@@ -152,7 +152,8 @@ def run(args):
     from keras_vmoe.evaluation import DEFAULT_L2, L2_SWEEP, model_image_shape
 
     try:
-        model = preset_loader.load_classifier(folder)
+        # The eval pipeline and load_arrays preprocess the images already.
+        model = preset_loader.load_classifier(folder, preprocessor=None)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(one_line(e)) from None
     results = {}

@@ -99,6 +99,7 @@ def run(args, callbacks=None):
     keras.utils.set_random_seed(cfg["seed"])
     num_classes = data.num_classes(cfg["dataset"], cfg["data_dir"])
     model = run_setup.build_model(cfg, num_classes)
+    preprocessor = run_setup.detach_preprocessor(model)
     group = model_group_size(model)
     if cfg["batch_size"] % group:
         raise usage_error(
@@ -168,6 +169,7 @@ def run(args, callbacks=None):
         backup.on_train_begin()
 
     # === The trained preset ===
+    model.preprocessor = preprocessor  # saved as preprocessor.json
     preset_dir, final = run_outputs.save_trained_preset(
         model, cfg, recipe, total, epochs
     )

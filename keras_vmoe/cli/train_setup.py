@@ -1,7 +1,8 @@
 """Model and data set-up of `keras-vmoe train`.
 
 `build_model` and `compile_for_run` make the classifier from the run's
-settings (`keras_vmoe.cli.train_arguments`); `training_stream` is the
+settings (`keras_vmoe.cli.train_arguments`), `detach_preprocessor` keeps
+its preprocessor out of training on the pipelines' preprocessed batches; `training_stream` is the
 endless, resumable stream of training batches, and `validation_data` the
 evaluation split padded to whole routing groups
 (`keras_vmoe.evaluation.group_padded`, the padding rule of
@@ -34,6 +35,28 @@ def build_model(cfg, num_classes):
         raise usage_error(
             f"cannot build the model from --preset and --override: {one_line(e)}"
         ) from None
+
+
+def detach_preprocessor(model):
+    """Takes the preprocessor off `model` for training; returns the one to save.
+
+    The training and validation batches come from the `keras_vmoe.data`
+    pipelines, already resized and scaled to [-1, 1] (split preprocessing,
+    in keras-hub's words), so the model trains without a preprocessor. The
+    returned one goes back on before the preset is saved: the preset's own,
+    or for a V-MoE preset without one, the `VisionMoEImageClassifierPreprocessor`
+    of its backbone.
+    """
+    from keras_vmoe.models import (
+        VisionMoEBackbone,
+        VisionMoEImageClassifierPreprocessor,
+    )
+
+    preprocessor = model.preprocessor
+    if preprocessor is None and isinstance(model.backbone, VisionMoEBackbone):
+        preprocessor = VisionMoEImageClassifierPreprocessor.for_backbone(model.backbone)
+    model.preprocessor = None
+    return preprocessor
 
 
 def compile_for_run(model, cfg, total_steps):

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from keras_vmoe.data import bundled
 from keras_vmoe.data.builders import BUILDERS
+from keras_vmoe.utils.pixels import scale_pixels
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -135,7 +136,7 @@ def load(
 
 
 def _to_unit_range(images):
-    return (images.astype(np.float32) / np.float32(127.5)) - np.float32(1.0)
+    return scale_pixels(images.astype(np.float32))
 
 
 def _convert_channels(images, channels):
@@ -173,7 +174,8 @@ def load_arrays(name, split, image_size=None, data_dir=None, channels=None):
 
     Returns:
         `(images, labels)`: float32 `(N, H, W, C)` with values in [-1, 1]
-        (`x / 127.5 - 1`) and int64 `(N,)`.
+        (`keras_vmoe.utils.pixels.scale_pixels`: `x / 127.5 - 1`, the
+        scaling of the model's `VisionMoEImageConverter`) and int64 `(N,)`.
 
     Example:
 

@@ -19,6 +19,8 @@ import types
 import keras
 import tensorflow as tf
 
+from keras_vmoe.utils.pixels import scale_pixels
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -95,7 +97,9 @@ def _to_channels(image, channels):
 
 
 def _finish(image, label, num_classes):
-    image = tf.clip_by_value(tf.cast(image, tf.float32) / 127.5 - 1.0, -1.0, 1.0)
+    # The model's converter's scaling (`VisionMoEImageConverter`); the clip
+    # changes nothing for pixels in [0, 255] (255 maps to exactly 1.0).
+    image = tf.clip_by_value(scale_pixels(tf.cast(image, tf.float32)), -1.0, 1.0)
     label = tf.cast(label, tf.int32)
     if num_classes is not None:
         label = tf.one_hot(label, num_classes, dtype=tf.float32)
@@ -180,7 +184,8 @@ def train_pipeline(
     Per example: decode (if encoded), inception-style random resized crop
     (or a plain resize with `random_crop=False`), random horizontal flip,
     channel conversion, optional `keras.layers.RandAugment` (on 0..255
-    pixels), scale `x / 127.5 - 1`, optional one-hot label. Per batch:
+    pixels), scale to [-1, 1] (`keras_vmoe.utils.pixels.scale_pixels`, the
+    `VisionMoEImageConverter`'s scaling), optional one-hot label. Per batch:
     optional `keras.layers.MixUp` (needs `num_classes`). For digit-like data
     use `random_crop=False, flip=False`.
 
@@ -341,7 +346,10 @@ def eval_pipeline(
     `image_size` crop (ImageNet style: 0.875 gives 256 -> 224); with
     `crop_fraction=None`, resize the whole image to `image_size` (what
     `train_pipeline(random_crop=False)` does; use it for digit-like data).
-    Then channel conversion, `x / 127.5 - 1`, optional one-hot label.
+    Then channel conversion, scaling to [-1, 1] (`scale_pixels`, as the
+    `VisionMoEImageConverter` scales), optional one-hot label. With
+    `crop_fraction=None` the images are those the model's converter makes
+    from the same pixels (bilinear antialiased resize, then scaling).
 
     Args:
         ds: tf.data.Dataset. Unbatched `{"image", "label"}` dicts or

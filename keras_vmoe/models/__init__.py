@@ -1,4 +1,5 @@
-"""Models: `VisionMoEBackbone`, `VisionMoEImageClassifier`, presets, `upcycle`.
+"""Models: `VisionMoEBackbone`, `VisionMoEImageClassifier`, its preprocessing,
+presets and `upcycle`.
 
 One folder per model family (`vision_moe/`); `preset_loader` loads any
 family's presets (the classes come from the preset's files).
@@ -27,6 +28,10 @@ from keras_vmoe.models.vision_moe.image_classifier import (
     Top1Accuracy,
     VisionMoEImageClassifier,
 )
+from keras_vmoe.models.vision_moe.image_classifier_preprocessor import (
+    VisionMoEImageClassifierPreprocessor,
+)
+from keras_vmoe.models.vision_moe.image_converter import VisionMoEImageConverter
 from keras_vmoe.models.vision_moe.presets import (
     generate_presets,
     list_presets,
@@ -43,6 +48,8 @@ __all__ = [
     "UnsafePresetError",
     "VisionMoEBackbone",
     "VisionMoEImageClassifier",
+    "VisionMoEImageClassifierPreprocessor",
+    "VisionMoEImageConverter",
     "VisionMoELayout",
     "backbone_flops",
     "count_backbone_params",

@@ -1,19 +1,23 @@
 """Preset loading: find a preset folder, read it, apply overrides, build.
 
 A preset is a folder in the keras-hub format (`config.json`, optional
-`task.json`, `metadata.json`, `model.weights.h5` or the sharded
-`model.weights.json` with its `model_*.weights.h5` shards,
-`task.weights.h5`). This module finds built-in presets by name, reports a
+`task.json`, optional `preprocessor.json`, `metadata.json`,
+`model.weights.h5` or the sharded `model.weights.json` with its
+`model_*.weights.h5` shards, `task.weights.h5`). This module finds built-in presets by name, reports a
 missing or unreadable file by name, and lets callers override any
 constructor argument. Weights are required unless `metadata.json` says
 `"weights": null` (the built-in architecture presets) or the caller passes
 `load_weights=False`.
 
-The loader knows no model family: the backbone and task classes come from
-the `registered_name` of `config.json` and `task.json` (e.g.
+The loader knows no model family: the backbone, task and preprocessor
+classes come from the `registered_name` of `config.json`, `task.json` and
+`preprocessor.json` (e.g.
 `"keras_vmoe>VisionMoEBackbone"`), looked up in Keras' serialization
 registry; only classes that keras_vmoe or keras-hub registered, and that
-are keras-hub backbones and tasks, are accepted. The overrides a preset
+are keras-hub backbones, tasks and preprocessors, are accepted. A
+classifier gets the preset's preprocessor (from `preprocessor.json`, else
+the one inside `task.json`), its image converter resizing to the built
+backbone's image size. The overrides a preset
 takes are the resolved classes' constructor arguments; a backbone class may
 define `apply_preset_overrides(config, overrides)` to adjust a config when
 some change (the V-MoE backbone resets `router_config` with a new router).
@@ -26,7 +30,7 @@ import os
 import pathlib
 
 import keras
-from keras_hub.models import Backbone, ImageClassifier
+from keras_hub.models import Backbone, ImageClassifier, Preprocessor
 
 PRESETS_ENV_VAR = "KERAS_VMOE_PRESETS_DIR"
 # Packages whose registered classes a preset may name (keras-hub registers
@@ -264,8 +268,39 @@ def _load_configs(folder, backbone_base=Backbone, task_base=None):
                     f"config.json holds a {backbone_cls.__name__}."
                 )
             task_config.pop("backbone", None)
-            task_config.pop("preprocessor", None)
     return backbone_cls, backbone_config, task_cls, task_config, metadata
+
+
+def _load_preprocessor(folder, task_config):
+    """The preset's preprocessor, or None; pops it from `task_config`.
+
+    `preprocessor.json` (what keras-hub's `from_preset` reads) comes first;
+    a preset without it may hold the preprocessor inside `task.json`.
+    """
+    inline = task_config.pop("preprocessor", None)
+    found = _read_serialized(folder, "preprocessor.json", Preprocessor, required=False)
+    if found is None and isinstance(inline, dict):
+        try:
+            found = _registered_class(inline, Preprocessor)
+        except ValueError as e:
+            path = pathlib.Path(folder) / "task.json"
+            raise ValueError(f"Preset file {path}, `preprocessor`: {e}.") from e
+    if found is None:
+        return None
+    preprocessor_cls, config = found
+    return preprocessor_cls.from_config(config)
+
+
+def _fit_preprocessor_to(preprocessor, backbone):
+    """Makes the image converter resize to the backbone's image size."""
+    converter = getattr(preprocessor, "image_converter", None)
+    shape = getattr(backbone, "image_shape", None)
+    if converter is None or converter.image_size is None or shape is None:
+        return
+    if getattr(backbone, "data_format", "channels_last") == "channels_first":
+        converter.image_size = tuple(shape[1:3])
+    else:
+        converter.image_size = tuple(shape[:2])
 
 
 def _names(cls, skip=("self", "args", "kwargs")):
@@ -438,7 +473,8 @@ def load_classifier(preset, load_weights=True, cls=ImageClassifier, **overrides)
             without `task.json`, the registered subclass made for the
             preset's backbone class is built. Defaults to
             `keras_hub.models.ImageClassifier`.
-        **overrides: Constructor arguments of the preset's backbone or task.
+        **overrides: Constructor arguments of the preset's backbone or task;
+            `preprocessor=None` leaves the preset's preprocessor out.
     """
     folder = resolve_preset(preset)
     if "backbone" in overrides:
@@ -450,6 +486,11 @@ def load_classifier(preset, load_weights=True, cls=ImageClassifier, **overrides)
     backbone = backbone_cls.from_config(
         _apply_backbone_overrides(backbone_cls, config, backbone_kw)
     )
+    if "preprocessor" not in classifier_kw:
+        preprocessor = _load_preprocessor(folder, task_config)
+        _fit_preprocessor_to(preprocessor, backbone)
+        classifier_kw["preprocessor"] = preprocessor
+    task_config.pop("preprocessor", None)
     task_config = {**task_config, **classifier_kw}
     missing = [
         name
@@ -489,10 +530,16 @@ def from_preset(name_or_dir, load_weights=True, **overrides):
         **overrides: Backbone or classifier arguments replacing the
             preset's: `num_classes`, `image_size` (int or (h, w)), `router`
             (its `router_config` then resets to the router's defaults unless
-            also given), `num_experts`, `num_layers`, `hidden_dim`, ...
+            also given), `num_experts`, `num_layers`, `hidden_dim`, ...;
+            `preprocessor=None` for a classifier without the preset's
+            preprocessor (for inputs already preprocessed, such as the
+            `keras_vmoe.data` pipelines' batches).
 
     Returns:
-        A `keras_hub.models.ImageClassifier` (`VisionMoEImageClassifier`).
+        A `keras_hub.models.ImageClassifier` (`VisionMoEImageClassifier`)
+        with the preset's preprocessor (`VisionMoEImageClassifierPreprocessor`:
+        raw images of any size in, resized to the model's size and scaled
+        to [-1, 1]), when the preset has one.
 
     Raises:
         ValueError: unknown preset (close matches listed) or unknown

@@ -380,3 +380,28 @@ def test_a_class_missing_from_the_training_split_is_reported(digits):
     )
     with pytest.raises(ValueError, match=r"Classes \[9\] appear in `test_labels`"):
         evaluator.evaluate_now(tiny_classifier())
+
+
+def test_from_dataset_names_images_are_the_model_preprocessing():
+    # The evaluator's images (load_arrays, resized 8x8 -> 12x12, gray to
+    # RGB) are what the classifier's own preprocessor makes of the raw
+    # pixels: bit for bit in tf.data (as fit and predict run it), and to
+    # float32 rounding in an eager call with this backend's resize kernel.
+    from keras_vmoe.data import bundled_arrays
+    from keras_vmoe.models import (
+        VisionMoEImageClassifierPreprocessor,
+        VisionMoEImageConverter,
+    )
+
+    evaluator = FewShotEvaluator.from_dataset_names(["digits"], (12, 12, 3))
+    (x_train, y_train), _ = evaluator.datasets["digits"]
+    raw, labels = bundled_arrays("digits", "train")
+    raw = np.repeat(raw[:64], 3, axis=-1)
+    preprocessor = VisionMoEImageClassifierPreprocessor(
+        VisionMoEImageConverter(image_size=(12, 12))
+    )
+    ds = tf.data.Dataset.from_tensor_slices(raw).batch(64).map(preprocessor)
+    np.testing.assert_array_equal(next(iter(ds)).numpy(), x_train[:64])
+    eager = keras.ops.convert_to_numpy(preprocessor(raw))
+    np.testing.assert_allclose(eager, x_train[:64], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(y_train[:64], labels[:64])

@@ -55,14 +55,20 @@ def test_converted_preset_matches_vmoe_logits(name, tmp_path, capsys):
     assert f"into {output}" in out and "from_preset" in out
     assert listing(output) == [
         "config.json",
+        "image_converter.json",
         "metadata.json",
         "model.weights.h5",
+        "preprocessor.json",
         "task.json",
         "task.weights.h5",
     ]
     assert listing(tmp_path) == ["converted"]  # no temporary left beside it
 
     model = models.from_preset(str(output))
+    # The preset carries vmoe's preprocessing (resize, scale to [-1, 1]); a
+    # direct call, as here, skips it: the fixture's images are in [-1, 1].
+    assert isinstance(model.preprocessor, models.VisionMoEImageClassifierPreprocessor)
+    assert model.preprocessor.image_size == model.backbone.image_shape[:2]
     reference = np.load(os.path.join(FIXTURES, name, "io.npz"))
     got = logits(model, reference["images"])
     assert got.shape == reference["logits"].shape
@@ -81,6 +87,7 @@ def test_metadata_says_where_the_preset_came_from(name, tmp_path):
     expected = EXPECTED[name]
     assert meta["name"] == "my_preset"
     assert meta["weights"] == "converted"
+    assert meta["tasks"] == ["ImageClassifier"]
     assert os.path.abspath(prefix) in meta["description"]
     assert meta["router"] == expected["router"]
     assert meta["num_experts"] == expected["experts"]

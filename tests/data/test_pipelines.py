@@ -184,3 +184,61 @@ def test_flip_mirrors_about_half_of_the_images():
     assert all(f != k for f, k in zip(flipped, kept))  # each one or the other
     # Binomial(64, 1/2): 32 +- 4; 16..48 is a 4-sigma band.
     assert 16 <= sum(flipped) <= 48
+
+
+# ------------------------------------------------- the model's preprocessing
+
+
+def _every_pixel_value():
+    """Two 16x16x3 uint8 images holding each value 0..255 in every channel."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    return np.stack([values, values[::-1, ::-1]]).repeat(3, axis=-1)
+
+
+def test_pipelines_scale_exactly_as_the_model_converter():
+    from keras_vmoe.models import VisionMoEImageConverter
+
+    images = _every_pixel_value()
+    labels = np.array([0, 1])
+    converter = VisionMoEImageConverter()  # scaling only
+    expected = np.asarray(keras.ops.convert_to_numpy(converter(images)))
+    # The scaling the pipelines computed before they shared the converter's:
+    # float32 x / 127.5 - 1, within one float32 step (2^-23).
+    before = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    np.testing.assert_allclose(expected, before, atol=2.0**-23, rtol=0)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    train = data.train_pipeline(
+        ds, 16, 2, random_crop=False, flip=False, shuffle_buffer=0
+    )
+    evaluation = data.eval_pipeline(ds, 16, 2, crop_fraction=None)
+    for pipeline in (train, evaluation):  # same-size resize: pixels unchanged
+        ((x, y),) = _batches(pipeline)
+        np.testing.assert_array_equal(x, expected)
+        np.testing.assert_array_equal(y, labels)
+    x, _ = data.load_arrays("digits", "test")
+    raw, _ = data.bundled_arrays("digits", "test")
+    np.testing.assert_array_equal(
+        x, np.asarray(keras.ops.convert_to_numpy(converter(raw)))
+    )
+
+
+def test_eval_pipeline_resizes_as_the_model_converter():
+    from keras_vmoe.models import (
+        VisionMoEImageClassifierPreprocessor,
+        VisionMoEImageConverter,
+    )
+
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 256, size=(3, 50, 60, 3)).astype(np.uint8)
+    labels = np.array([0, 1, 2])
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    ((x, _),) = _batches(data.eval_pipeline(ds, (16, 12), 3, crop_fraction=None))
+    preprocessor = VisionMoEImageClassifierPreprocessor(
+        VisionMoEImageConverter(image_size=(16, 12))
+    )
+    # In tf.data, as `fit` and `predict` run it: the same TF ops, bit for bit.
+    ((x_model, _),) = _batches(ds.batch(3).map(preprocessor))
+    np.testing.assert_array_equal(x_model, x)
+    # Eager, with this backend's own resize kernel.
+    eager = np.asarray(keras.ops.convert_to_numpy(preprocessor(images)))
+    np.testing.assert_allclose(eager, x, atol=1e-5, rtol=0)

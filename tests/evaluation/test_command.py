@@ -82,7 +82,8 @@ def test_eval_json_matches_an_independent_computation(preset, capsys):
     assert cli.main([*argv, "--batch-size", "100", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
 
-    model = from_preset(preset)
+    # load_arrays preprocesses: the model without its preprocessor.
+    model = from_preset(preset, preprocessor=None)
     x_train, y_train = data.load_arrays("digits", "train", image_size=8, channels=3)
     x_test, y_test = data.load_arrays("digits", "test", image_size=8, channels=3)
     f_test, logits = _features_and_logits(model, x_test)

@@ -53,7 +53,13 @@ def test_build_hook_copies_every_preset(tmp_path, monkeypatch):
     for name in names:
         source = presets.presets_dir() / name
         files = sorted(p.name for p in (installed / name).iterdir())
-        assert files == ["config.json", "metadata.json", "task.json"]
+        assert files == [
+            "config.json",
+            "image_converter.json",
+            "metadata.json",
+            "preprocessor.json",
+            "task.json",
+        ]
         for filename in files:
             assert (installed / name / filename).read_bytes() == (
                 source / filename

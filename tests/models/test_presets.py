@@ -46,7 +46,13 @@ def test_preset_folders_are_up_to_date(tmp_path):
     """The shipped JSON files are exactly what the generator writes."""
     presets.generate_presets(tmp_path)
     for name in NAMES:
-        for filename in ("config.json", "task.json", "metadata.json"):
+        for filename in (
+            "config.json",
+            "task.json",
+            "preprocessor.json",
+            "image_converter.json",
+            "metadata.json",
+        ):
             with open(tmp_path / name / filename) as f:
                 generated = json.load(f)
             with open(presets.presets_dir() / name / filename) as f:

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from keras_vmoe import models
-from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
+from keras_vmoe.models import (
+    VisionMoEBackbone,
+    VisionMoEImageClassifier,
+    VisionMoEImageClassifierPreprocessor,
+)
 from keras_vmoe.models.vision_moe.presets import preset_files
 from tests.models.tiny import TINY, tiny_moe
 
@@ -155,9 +159,17 @@ def test_preset_round_trip_and_keras_hub_loader(tmp_path, images):
 def test_generated_json_matches_save_to_preset(tmp_path):
     """Preset files written without building equal what keras-hub writes."""
     backbone = VisionMoEBackbone(**BACKBONE_ARGS)
-    VisionMoEImageClassifier(backbone, **CLASSIFIER_ARGS).save_to_preset(str(tmp_path))
+    preprocessor = VisionMoEImageClassifierPreprocessor.for_backbone(backbone)
+    VisionMoEImageClassifier(
+        backbone, preprocessor=preprocessor, **CLASSIFIER_ARGS
+    ).save_to_preset(str(tmp_path))
     generated = preset_files("x", "tiny", BACKBONE_ARGS, CLASSIFIER_ARGS)
-    for filename in ("config.json", "task.json"):
+    for filename in (
+        "config.json",
+        "task.json",
+        "preprocessor.json",
+        "image_converter.json",
+    ):
         with open(tmp_path / filename) as f:
             saved = json.load(f)
         ours = json.loads(json.dumps(generated[filename]))

@@ -12,7 +12,7 @@ from keras import ops
 
 from keras_vmoe import cli, data
 from keras_vmoe.cli import train as train_command
-from keras_vmoe.models import from_preset
+from keras_vmoe.models import VisionMoEImageClassifierPreprocessor, from_preset
 from keras_vmoe.models.vision_moe import cost
 from keras_vmoe.training import (
     SigmoidCrossEntropy,
@@ -50,7 +50,8 @@ INITIAL_SIGMOID_LOSS = -math.log(0.1) - 9 * math.log(0.9)
 
 def test_recipe_trains_a_tiny_vmoe_on_animal_mnist():
     keras.utils.set_random_seed(0)
-    model = from_preset(PRESET, num_classes=10, **TINY)
+    # The pipeline and load_arrays preprocess: no preprocessor on the model.
+    model = from_preset(PRESET, num_classes=10, preprocessor=None, **TINY)
     compile_with_recipe(model, "vmoe", total_steps=30, peak_learning_rate=1e-2)
     train = data.train_pipeline(
         data.load("animal_mnist", "train"),
@@ -209,14 +210,22 @@ def test_train_command_end_to_end(tmp_path, capsys):
         "tensorboard",
     ]
 
-    # The trained preset loads with from_preset and predicts the same.
-    loaded = from_preset(os.path.join(out, "preset"))
+    # The trained preset loads with from_preset and predicts the same (on
+    # the pipeline's preprocessed images: without the saved preprocessor).
+    loaded = from_preset(os.path.join(out, "preset"), preprocessor=None)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(loaded.predict_on_batch(images[:8])),
         capture.predictions,
         rtol=1e-6,
         atol=1e-6,
     )
+    # It trained without a preprocessor and was saved with one, for its size.
+    assert "preprocessor.json" in os.listdir(os.path.join(out, "preset"))
+    with open(os.path.join(out, "preset", "metadata.json")) as f:
+        assert json.load(f)["tasks"] == ["ImageClassifier"]
+    preprocessor = from_preset(os.path.join(out, "preset")).preprocessor
+    assert isinstance(preprocessor, VisionMoEImageClassifierPreprocessor)
+    assert preprocessor.image_size == (16, 16)
     assert loaded.num_classes == 10 and loaded.backbone.image_shape == (16, 16, 3)
     with open(os.path.join(out, "preset", "metadata.json")) as f:
         meta = json.load(f)

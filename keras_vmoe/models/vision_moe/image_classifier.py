@@ -10,6 +10,9 @@ from keras_hub.src.models.task import Task
 
 from keras_vmoe.models import preset_loader
 from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
+from keras_vmoe.models.vision_moe.image_classifier_preprocessor import (
+    VisionMoEImageClassifierPreprocessor,
+)
 from keras_vmoe.models.vision_moe.losses import (
     LOSS_TYPES,
     ClassificationCrossEntropy,
@@ -70,7 +73,12 @@ class VisionMoEImageClassifier(ImageClassifier):
     Args:
         backbone: `VisionMoEBackbone`. The feature extractor.
         num_classes: int. Number of classes.
-        preprocessor: `None` or a preprocessing layer. Defaults to `None`.
+        preprocessor: `VisionMoEImageClassifierPreprocessor` or None. Run
+            on the inputs of `fit`, `evaluate` and `predict` (raw images in,
+            resized and scaled to [-1, 1] out); `None` feeds the inputs to
+            the backbone as they are (already preprocessed, e.g. by the
+            `keras_vmoe.data` pipelines). `from_preset` restores the preset's.
+            Defaults to `None`.
         representation_size: int or None. Size of the pre-logits Dense + tanh;
             `None` for none (identity). Defaults to `None`.
         activation: `None`, `"softmax"` or `"sigmoid"`. Output activation;
@@ -100,7 +108,7 @@ class VisionMoEImageClassifier(ImageClassifier):
     """
 
     backbone_cls = VisionMoEBackbone
-    preprocessor_cls = None
+    preprocessor_cls = VisionMoEImageClassifierPreprocessor
 
     def __init__(
         self,

@@ -2,7 +2,10 @@
 
 A preset is a keras-hub preset folder `presets/<name>/` holding
 `config.json` (the serialized `VisionMoEBackbone`), `task.json` (the
-serialized `VisionMoEImageClassifier`), `metadata.json` (description,
+serialized `VisionMoEImageClassifier`, its preprocessor included),
+`preprocessor.json` and `image_converter.json` (the
+`VisionMoEImageClassifierPreprocessor` and its `VisionMoEImageConverter`:
+resize to 224x224, scale to [-1, 1]), `metadata.json` (description,
 parameter count, FLOPs per image) and, for trained models only,
 `model.weights.h5` / `task.weights.h5`. The shipped presets are
 architectures (random initialisation). Regenerate them with
@@ -37,6 +40,10 @@ from keras_vmoe.models.vision_moe import cost
 from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
 from keras_vmoe.models.vision_moe.config import parse_moe_layers
 from keras_vmoe.models.vision_moe.image_classifier import VisionMoEImageClassifier
+from keras_vmoe.models.vision_moe.image_classifier_preprocessor import (
+    VisionMoEImageClassifierPreprocessor,
+)
+from keras_vmoe.models.vision_moe.image_converter import VisionMoEImageConverter
 from keras_vmoe.routers import get_class, router_names
 from keras_vmoe.utils.atomic import atomic_directory
 
@@ -177,6 +184,48 @@ def _serialize(cls, config):
     }
 
 
+def _without_build_configs(doc):
+    """`doc` without `build_config` / `compile_config` entries, as keras-hub saves."""
+    if isinstance(doc, dict):
+        return {
+            k: _without_build_configs(v)
+            for k, v in doc.items()
+            if k not in ("build_config", "compile_config")
+        }
+    return doc
+
+
+def preprocessor_files(image_shape):
+    """`preprocessor.json` and `image_converter.json` for images of `image_shape`.
+
+    The documents keras-hub's `save_to_preset` writes for a
+    `VisionMoEImageClassifierPreprocessor` whose converter resizes to
+    `image_shape[:2]` (only these two small layers are built).
+
+    Args:
+        image_shape: tuple. The backbone's `(height, width, channels)`.
+
+    Returns:
+        dict of file name -> JSON-serialisable object.
+    """
+    converter = VisionMoEImageConverter(
+        image_size=tuple(image_shape[:2]), dtype="float32"
+    )
+    preprocessor = VisionMoEImageClassifierPreprocessor(converter, dtype="float32")
+    # A round trip through JSON turns tuples into lists, as in the files.
+    return {
+        filename: json.loads(
+            json.dumps(
+                _without_build_configs(keras.saving.serialize_keras_object(layer))
+            )
+        )
+        for filename, layer in (
+            ("preprocessor.json", preprocessor),
+            ("image_converter.json", converter),
+        )
+    }
+
+
 def preset_files(name, description, backbone_kwargs, classifier_kwargs):
     """The JSON documents of one preset folder, computed without building it.
 
@@ -190,10 +239,11 @@ def preset_files(name, description, backbone_kwargs, classifier_kwargs):
         **VisionMoEBackbone.arguments_from_config(backbone_kwargs),
     }
     backbone_config["image_shape"] = list(backbone_config["image_shape"])
+    preprocessing = preprocessor_files(backbone_config["image_shape"])
     classifier_config = {
         "name": "vision_moe_image_classifier",
         "backbone": _serialize(VisionMoEBackbone, backbone_config),
-        "preprocessor": None,
+        "preprocessor": preprocessing["preprocessor.json"],
         "activation": None,
         "head_bias_init": None,
         "dropout": 0.0,
@@ -206,6 +256,7 @@ def preset_files(name, description, backbone_kwargs, classifier_kwargs):
     return {
         "config.json": _serialize(VisionMoEBackbone, backbone_config),
         "task.json": _serialize(VisionMoEImageClassifier, classifier_config),
+        **preprocessing,
         "metadata.json": metadata,
     }
 
@@ -294,10 +345,11 @@ def add_preset_metadata(preset_dir, model, **entries):
 
 
 def generate_presets(out_dir=None, names=None):
-    """Writes the preset folders (config.json, task.json, metadata.json).
+    """Writes the preset folders (`preset_files`: config.json, task.json,
+    preprocessor.json, image_converter.json, metadata.json).
 
     Each folder is written atomically: into a temporary sibling that then
-    replaces it (files other than these three are carried over).
+    replaces it (other files are carried over).
 
     Args:
         out_dir: str or None. Where to write. Defaults to `presets_dir()`.
