@@ -50,6 +50,21 @@ class MoE(keras.layers.Layer):
     `use_einsum_dispatch=True` runs the dense `(G, S, E, C)` reference
     instead (same outputs, for tests and teaching).
 
+    Any batch size works: when `S` does not divide the `N = B * T` tokens,
+    the `N % S` tokens left after the `N // S` whole groups form a partial
+    last group `(1, N % S, d)`, routed as a batch of its own would be: with
+    the capacities of a group of its size (`router.slots_per_expert(N % S)`)
+    and no padding. Whole groups are unaffected, and when `S` is a multiple
+    of `T` (whole images per group) the examples of the partial group get
+    exactly their outputs as a batch of their own. Under a `tf.function`
+    that leaves the batch size unknown (TensorFlow's `fit` and `predict`),
+    the partial group's size is one of at most `S / gcd(S, T) - 1` values;
+    the layer routes it in a switch with one branch per size (at most
+    `MAX_TRACED_PARTIAL_SIZES`; beyond that, or with `T` unknown too, such
+    traced calls need whole groups). The auxiliary loss is the mean over all
+    groups, the partial one included, and the statistics are over all
+    tokens (per-token ones) or all groups (expert load, auxiliary loss).
+
     A group that contains a NaN or Inf value returns NaN for all its tokens
     (other groups are unaffected), never a silently wrong routing.
 
@@ -62,14 +77,16 @@ class MoE(keras.layers.Layer):
 
     To observe the routing itself, call the layer (or a model containing
     it) eagerly inside `with layer.capture_routing() as routings:`; each
-    call appends its `Routing` (see `capture_routing`).
+    call appends its `Routing` (see `capture_routing`), and a call with a
+    partial last group appends a second one, the partial group's.
 
     Args:
         router: a `keras_vmoe.routers.Router` (e.g.
             `SoftmaxTokenChoiceRouter`) or a config dict from
             `keras.layers.serialize`.
         experts: an experts layer (e.g. `MlpExperts`) or its config dict.
-        group_size: int. Tokens per routing group `S`.
+        group_size: int. Tokens per routing group `S` (any batch size
+            works; see above for a partial last group).
         use_einsum_dispatch: bool. Use the dense reference path. Defaults to
             `False`.
         expert_axis: str or None. Under a `keras.distribution` distribution
@@ -112,6 +129,14 @@ class MoE(keras.layers.Layer):
     ...     _ = moe(x)
     >>> tuple(routings[-1].combine_tensor().shape)  # (G, S, E, C)
     (2, 8, 4, 4)
+
+    A batch of 3 sequences of 5 tokens: one whole group of 8 tokens and a
+    partial group of 7, with its own capacity `ceil(7 * 2 / 4) = 4`:
+    >>> x = np.random.rand(3, 5, 16).astype("float32")
+    >>> with moe.capture_routing() as routings:
+    ...     y = moe(x)
+    >>> tuple(y.shape), [(r.num_tokens, r.capacity) for r in routings]
+    ((3, 5, 16), [(8, 4), (7, 4)])
     """
 
     def __init__(
