@@ -53,8 +53,9 @@ CASES = {
 def run_case(backend, args, source):
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=source)
     start = time.perf_counter()
+    # Run from `source`: `-c` and `-m` put the working folder first on the path.
     result = subprocess.run(
-        [sys.executable, *args], env=env, capture_output=True, text=True
+        [sys.executable, *args], env=env, capture_output=True, text=True, cwd=source
     )
     seconds = time.perf_counter() - start
     if result.returncode:
