@@ -3,7 +3,8 @@
     keras-vmoe presets [--filter TEXT] [--json]
 
 The numbers come from each preset's `metadata.json` (computed from the
-config by `keras_vmoe.models.vision_moe.cost`, nothing is built): `parameter_count`
+config by `keras_vmoe.models.vision_moe.cost`, nothing is built), read
+without importing Keras: `parameter_count`
 and `flops_per_image` are the backbone's (forward pass, 2 x multiply-
 accumulates; experts are charged for every slot at the training capacity
 factor); the `--json` output also has the classifier's (with the
@@ -13,7 +14,7 @@ A second section lists the official V-MoE checkpoints released by
 google-research/vmoe (`keras_vmoe.convert.released`): they are not presets
 but convert into one with `keras-vmoe convert` once downloaded. Their sizes
 come from their vmoe configs through the converter's config mapping (with
-their own heads); E3 ensembles are listed as not convertible. In the
+their own heads), precomputed in `keras_vmoe.cli.released_sizes`; E3 ensembles are listed as not convertible. In the
 `--json` output they are entries with `"kind": "released_vmoe_checkpoint"`.
 """
 
@@ -101,7 +102,8 @@ def released_entries(names=None):
     converts and with which command, and, for a convertible one, the
     backbone's parameters and FLOPs per image (and the classifier's, with
     the checkpoint's own head), computed from its vmoe config through the
-    converter's config mapping (nothing is built or downloaded).
+    converter's config mapping (nothing is built or downloaded) and stored
+    in `keras_vmoe.cli.released_sizes`, so that listing needs no Keras.
 
     Args:
         names: iterable of str or None. Only these. Defaults to all.
@@ -111,8 +113,8 @@ def released_entries(names=None):
     >>> entry["convertible"], entry["num_experts"], entry["image_size"]
     (True, 8, 224)
     """
+    from keras_vmoe.cli.released_sizes import RELEASED_SIZES
     from keras_vmoe.convert.released import RELEASED_CHECKPOINTS
-    from keras_vmoe.models.vision_moe import cost
 
     entries = {}
     for name, record in RELEASED_CHECKPOINTS.items():
@@ -131,36 +133,9 @@ def released_entries(names=None):
             "notes": list(record.notes),
         }
         if record.supported:
-            backbone, classifier = _released_configs(record)
-            resolved = cost.resolve_backbone_config(backbone)
-            d = resolved["hidden_dim"]
-            n, rep = classifier["num_classes"], classifier.get("representation_size")
-            params = cost.count_backbone_params(backbone)
-            flops = cost.backbone_flops(backbone)
-            entry.update(
-                parameter_count=params,
-                flops_per_image=flops,
-                classifier_parameter_count=params + cost.count_head_params(d, n, rep),
-                classifier_flops_per_image=flops + cost.head_flops(d, n, rep),
-                router=resolved["router"],
-                num_experts=resolved["num_experts"],
-                moe_layers=list(resolved["moe_layer_indices"]),
-                sequence_length=resolved["sequence_length"],
-                num_classes=n,
-            )
+            entry.update(RELEASED_SIZES[name])
         entries[name] = entry
     return entries
-
-
-def _released_configs(record):
-    """`(backbone config, classifier config)` of a released checkpoint."""
-    from keras_vmoe.convert import vmoe_config_to_keras
-
-    size = record.image_size
-    backbone, classifier, _ = vmoe_config_to_keras(
-        record.vmoe_config(), (size, size, 3)
-    )
-    return backbone, classifier
 
 
 def released_table(entries):
@@ -199,9 +174,9 @@ def released_table(entries):
 def run(args):
     from keras_vmoe.cli.errors import UsageError
     from keras_vmoe.convert.released import RELEASED_CHECKPOINTS
-    from keras_vmoe.models import list_presets
+    from keras_vmoe.utils.preset_files import list_preset_metadata
 
-    presets = list_presets()
+    presets = list_preset_metadata()
     released = list(RELEASED_CHECKPOINTS)
     if args.filter:
         presets = {k: v for k, v in presets.items() if args.filter in k}

@@ -2,9 +2,14 @@
 
 A V-MoE routes the tokens of `group_size` consecutive images together
 (`keras_vmoe.layers.MoE` cuts the flattened tokens of a batch into groups),
-so a batch must hold whole groups, and an image's output may depend on the
-images that share its group (Soft MoE mixes every token of a group into its
-slots; sparse routers make a group's tokens compete for expert capacity).
+and an image's output may depend on the images that share its group (Soft
+MoE mixes every token of a group into its slots; sparse routers make a
+group's tokens compete for expert capacity). The model itself takes any
+batch size (a short last group is routed on its own, as a batch of its own
+would be), but its groups then follow the batches that `predict` cuts, so
+an image's output depends on `batch_size`. This module fixes the groups
+instead: they are runs of `group_size` consecutive images of the whole
+input, whatever the batching, and every batch has one compiled shape.
 Every evaluation in the package (the `keras-vmoe eval` and `train`
 commands, `keras_vmoe.callbacks.FewShotEvaluator`, the router study) runs
 models through `predict_in_groups` (or, for `fit(validation_data=...)`,
@@ -39,7 +44,11 @@ capacity (Token Choice buffers, Expert Choice picks), so the last group's
 real images can be routed differently than without padding; with capacity
 to spare (no token dropped) their outputs do not depend on the padding.
 Zero padding guarantees none of this: zero images draw slots and weights
-away from the real ones.
+away from the real ones. (Running the short last group unpadded, routed on
+its own by the model, would give each of its images its output as a batch
+of its own; the padding above is kept so that the package's evaluations,
+and the numbers they have reported, stay unchanged and every batch keeps
+one compiled shape.)
 """
 
 import math

@@ -1,6 +1,8 @@
 """`MoE`: the Mixture-of-Experts layer that replaces a transformer MLP."""
 
 import contextlib
+import dataclasses
+import math
 
 import keras
 from keras import ops
@@ -48,6 +50,21 @@ class MoE(keras.layers.Layer):
     `use_einsum_dispatch=True` runs the dense `(G, S, E, C)` reference
     instead (same outputs, for tests and teaching).
 
+    Any batch size works: when `S` does not divide the `N = B * T` tokens,
+    the `N % S` tokens left after the `N // S` whole groups form a partial
+    last group `(1, N % S, d)`, routed as a batch of its own would be: with
+    the capacities of a group of its size (`router.slots_per_expert(N % S)`)
+    and no padding. Whole groups are unaffected, and when `S` is a multiple
+    of `T` (whole images per group) the examples of the partial group get
+    exactly their outputs as a batch of their own. Under a `tf.function`
+    that leaves the batch size unknown (TensorFlow's `fit` and `predict`),
+    the partial group's size is one of at most `S / gcd(S, T) - 1` values;
+    the layer routes it in a switch with one branch per size (at most
+    `MAX_TRACED_PARTIAL_SIZES`; beyond that, or with `T` unknown too, such
+    traced calls need whole groups). The auxiliary loss is the mean over all
+    groups, the partial one included, and the statistics are over all
+    tokens (per-token ones) or all groups (expert load, auxiliary loss).
+
     A group that contains a NaN or Inf value returns NaN for all its tokens
     (other groups are unaffected), never a silently wrong routing.
 
@@ -60,14 +77,16 @@ class MoE(keras.layers.Layer):
 
     To observe the routing itself, call the layer (or a model containing
     it) eagerly inside `with layer.capture_routing() as routings:`; each
-    call appends its `Routing` (see `capture_routing`).
+    call appends its `Routing` (see `capture_routing`), and a call with a
+    partial last group appends a second one, the partial group's.
 
     Args:
         router: a `keras_vmoe.routers.Router` (e.g.
             `SoftmaxTokenChoiceRouter`) or a config dict from
             `keras.layers.serialize`.
         experts: an experts layer (e.g. `MlpExperts`) or its config dict.
-        group_size: int. Tokens per routing group `S`.
+        group_size: int. Tokens per routing group `S` (any batch size
+            works; see above for a partial last group).
         use_einsum_dispatch: bool. Use the dense reference path. Defaults to
             `False`.
         expert_axis: str or None. Under a `keras.distribution` distribution
@@ -110,6 +129,14 @@ class MoE(keras.layers.Layer):
     ...     _ = moe(x)
     >>> tuple(routings[-1].combine_tensor().shape)  # (G, S, E, C)
     (2, 8, 4, 4)
+
+    A batch of 3 sequences of 5 tokens: one whole group of 8 tokens and a
+    partial group of 7, with its own capacity `ceil(7 * 2 / 4) = 4`:
+    >>> x = np.random.rand(3, 5, 16).astype("float32")
+    >>> with moe.capture_routing() as routings:
+    ...     y = moe(x)
+    >>> tuple(y.shape), [(r.num_tokens, r.capacity) for r in routings]
+    ((3, 5, 16), [(8, 4), (7, 4)])
     """
 
     def __init__(
@@ -243,17 +270,59 @@ class MoE(keras.layers.Layer):
                 "MoE inputs must have shape (batch, tokens, dim), got shape "
                 f"{tuple(input_shape)}."
             )
-        batch, tokens, dim = input_shape
-        if tokens is not None and batch is not None:
-            self._check_divisible(batch * tokens)
-        return (None, self.group_size, dim)
+        return (None, self.group_size, input_shape[-1])
 
-    def _check_divisible(self, num_tokens):
-        if num_tokens % self.group_size:
+    def split_groups(self, x):
+        """The routing groups of `x` `(B, T, d)`: whole groups, then a partial one.
+
+        The `N = B * T` tokens, in order, cut into `G = N // S` whole groups
+        `(G, S, d)` and, when `S` does not divide `N`, a partial last group
+        `(1, N - G * S, d)` of the remaining tokens. Needs the number of
+        tokens when called (eager calls, JAX, torch); under a `tf.function`
+        that leaves the batch unknown, `call` routes the partial group itself.
+
+        Returns:
+            list of one or two `(groups, group_size, d)` tensors.
+
+        Example:
+        >>> import numpy as np
+        >>> from keras_vmoe.layers import MlpExperts
+        >>> from keras_vmoe.routers import SoftRouter
+        >>> moe = MoE(SoftRouter(num_experts=2), MlpExperts(num_experts=2,
+        ...           hidden_dim=4), group_size=6)
+        >>> [tuple(g.shape) for g in moe.split_groups(np.zeros((5, 3, 8)))]
+        [(2, 6, 8), (1, 3, 8)]
+        """
+        dim = ops.shape(x)[-1]
+        flat = ops.reshape(x, (-1, dim))  # (N, d)
+        num_tokens = ops.shape(flat)[0]
+        if not isinstance(num_tokens, int):
             raise ValueError(
-                f"The number of tokens per batch ({num_tokens}) must be divisible "
-                f"by `group_size` ({self.group_size})."
+                "`split_groups` needs the number of tokens; got a tensor whose "
+                "batch size is unknown until it runs."
             )
+        whole = num_tokens - num_tokens % self.group_size
+        groups = []
+        if whole:
+            groups.append(ops.reshape(flat[:whole], (-1, self.group_size, dim)))
+        if whole < num_tokens:
+            groups.append(ops.reshape(flat[whole:], (1, num_tokens - whole, dim)))
+        return groups
+
+    def _partial_group_sizes(self, tokens_per_example):
+        """Sizes a partial last group can have, for `tokens_per_example` tokens.
+
+        With `T` tokens per example, `N = B * T` leaves `(B * T) % S`
+        tokens over; these take `S / gcd(S, T) - 1` non-zero values. None
+        when `T` is unknown or there are more than `MAX_TRACED_PARTIAL_SIZES`.
+        """
+        if not isinstance(tokens_per_example, int):
+            return None
+        s = self.group_size
+        period = s // math.gcd(s, tokens_per_example)
+        if period - 1 > MAX_TRACED_PARTIAL_SIZES:
+            return None
+        return sorted({b * tokens_per_example % s for b in range(1, period)})
 
     def build(self, input_shape):
         group_shape = self._group_shape(input_shape)
@@ -277,18 +346,124 @@ class MoE(keras.layers.Layer):
             )
 
     def route(self, x, training=False):
-        """The `Routing` of `x` `(B, T, d)`, with the groups it was computed on."""
-        batch, tokens, dim = ops.shape(x)
-        if isinstance(batch, int) and isinstance(tokens, int):
-            self._check_divisible(batch * tokens)
-        groups = ops.reshape(x, (-1, self.group_size, dim))  # (G, S, d)
-        return self.router(groups, training=training), groups
+        """The `Routing` of `x` `(B, T, d)`, with the groups it was computed on.
+
+        For inputs that form whole groups only, or a single partial group
+        (`B * T < S`); otherwise route each of `split_groups(x)` with
+        `self.router`.
+        """
+        groups = self.split_groups(x)
+        if len(groups) > 1:
+            raise ValueError(
+                f"The {ops.shape(x)[0] * ops.shape(x)[1]} tokens form "
+                f"{ops.shape(groups[0])[0]} whole groups of {self.group_size} and "
+                f"a partial group of {ops.shape(groups[1])[1]}; route each of "
+                "`moe.split_groups(x)` with `moe.router`."
+            )
+        return self.router(groups[0], training=training), groups[0]
 
     def call(self, x, training=False):
         self._group_shape(x.shape)
-        routing, groups = self.route(x, training)
+        _, tokens, dim = ops.shape(x)
+        flat = ops.reshape(x, (-1, dim))  # (N, d)
+        if isinstance(ops.shape(flat)[0], int):
+            outputs, parts = self._call_on_known_groups(flat, training)
+        else:
+            outputs, parts = self._call_on_traced_groups(flat, tokens, training)
+        loss = _mean_auxiliary_loss(parts)
+        if loss is not None:
+            self.add_loss(loss)
+        if self._updates_statistics(training):
+            stats = _combine_statistics(parts, self.experts.num_experts)
+            for name in STATISTICS:
+                getattr(self, name).assign(ops.cast(stats[name], "float32"))
+        return ops.reshape(ops.cast(outputs, x.dtype), ops.shape(x))
+
+    def _call_on_known_groups(self, flat, training):
+        """Outputs `(N, d)` and per-part `(loss sum, statistics, groups)`."""
+        outputs, parts = [], []
+        for groups in self.split_groups(flat[None]):
+            out, routing = self._run_groups(groups, training)
+            if self._routing_captures:
+                self._record_routing(routing, groups)
+            outputs.append(ops.reshape(out, (-1, ops.shape(flat)[1])))
+            parts.append(_Part.of(routing, ops.shape(groups)[0]))
+        if len(outputs) == 1:
+            return outputs[0], parts
+        return ops.concatenate(outputs, axis=0), parts
+
+    def _call_on_traced_groups(self, flat, tokens_per_example, training):
+        """`_call_on_known_groups` for a traced call with an unknown batch size.
+
+        Under a `tf.function` (TensorFlow's `fit` and `predict` trace with
+        the batch size unknown) the whole groups are routed as usual and
+        the partial last group, whose size is one of the few values that
+        `_partial_group_sizes` lists, by a switch with one branch per size,
+        each routing a group of that (static) size. Each branch returns its
+        output padded to `S` tokens, cut back to the real tokens after.
+        """
+        s, dim = self.group_size, ops.shape(flat)[1]
+        sizes = self._partial_group_sizes(tokens_per_example)
+        if not sizes:
+            # No partial group can occur (S divides T), or T is unknown or
+            # gives too many sizes: then the tokens must fill whole groups.
+            groups = ops.reshape(flat, (-1, s, dim))  # (G, S, d)
+            out, routing = self._run_groups(groups, training)
+            if self._routing_captures:
+                self._record_routing(routing, groups)
+            return ops.reshape(out, (-1, dim)), [
+                _Part.of(routing, ops.shape(groups)[0])
+            ]
+        num_tokens = ops.shape(flat)[0]
+        num_whole = num_tokens // s
+        whole = ops.reshape(flat[: num_whole * s], (-1, s, dim))  # (G, S, d)
+        out, routing = self._run_groups(whole, training)
         if self._routing_captures:
-            self._record_routing(routing, groups)
+            self._record_routing(routing, whole)
+        whole_part = _Part.of(routing, num_whole)
+        rest = num_tokens - num_whole * s  # tokens of the partial group
+        padded = ops.concatenate([flat, ops.zeros((s, dim), flat.dtype)], axis=0)
+        tail = ops.slice(padded, (num_whole * s, 0), (s, dim))  # (S, d)
+        num_experts = self.experts.num_experts
+
+        def no_partial_group(tail):
+            zero = ops.zeros((), "float32")
+            load = ops.zeros((num_experts,), "float32")
+            return ops.zeros_like(tail), zero, (zero, zero, load, zero)
+
+        def partial_group_of(size):
+            def branch(tail):
+                group = ops.reshape(tail[:size], (1, size, dim))  # (1, R, d)
+                out, routing = self._run_groups(group, training)
+                out = ops.reshape(out, (size, dim))
+                out = ops.pad(out, ((0, s - size), (0, 0)))  # (S, d)
+                part = _Part.of(routing, 1)
+                loss = ops.zeros((), "float32") if part.loss is None else part.loss
+                return out, loss, tuple(part.statistics[k] for k in _PART_STATISTICS)
+
+            return branch
+
+        branches = [no_partial_group] + [partial_group_of(r) for r in sizes]
+        # Branch 0 when `rest` is 0, else 1 + the index of `rest` in `sizes`.
+        index = ops.sum(
+            ops.cast(ops.equal(rest, ops.array(sizes, "int32")), "int32")
+            * ops.arange(1, len(sizes) + 1, dtype="int32")
+        )
+        tail_out, tail_loss, tail_stats = ops.switch(index, branches, tail)
+        has_tail = ops.cast(rest > 0, "int32")
+        tail_part = _Part(
+            loss=None if whole_part.loss is None else tail_loss,
+            mean_loss=None if whole_part.loss is None else tail_loss,
+            statistics=dict(zip(_PART_STATISTICS, tail_stats)),
+            num_groups=has_tail,
+            num_tokens=rest,
+        )
+        outputs = ops.concatenate([ops.reshape(out, (-1, dim)), tail_out[:rest]], 0)
+        return outputs, [whole_part, tail_part]
+
+    def _run_groups(self, groups, training):
+        """Routes `(G, S, d)` groups and runs the experts: `(G, S, d)`, routing."""
+        routing = self.router(groups, training=training)
         dispatched = self._round_to_bfloat16(groups)
         if self.use_einsum_dispatch:
             expert_inputs = routing.einsum_dispatch(dispatched)  # (E, G, C, d)
@@ -302,14 +477,7 @@ class MoE(keras.layers.Layer):
             outputs = routing.einsum_combine(expert_outputs)  # (G, S, d)
         else:
             outputs = routing.combine(expert_outputs)  # (G, S, d)
-        outputs = self._poison_non_finite_groups(groups, outputs)
-        if routing.auxiliary_loss is not None:
-            self.add_loss(ops.mean(routing.auxiliary_loss))
-        if self._updates_statistics(training):
-            stats = routing.statistics()
-            for name in STATISTICS:
-                getattr(self, name).assign(ops.cast(stats[name], "float32"))
-        return ops.reshape(ops.cast(outputs, x.dtype), ops.shape(x))
+        return self._poison_non_finite_groups(groups, outputs), routing
 
     def _round_to_bfloat16(self, x):
         """`x` rounded to bfloat16 and back, with `bfloat16_dispatch`."""
@@ -398,3 +566,90 @@ class MoE(keras.layers.Layer):
             }
         )
         return config
+
+
+# Routing statistics that the parts of a call (whole groups, a partial
+# group) combine into the call's statistics.
+_PART_STATISTICS = (
+    "fraction_tokens_dropped",
+    "experts_per_token",
+    "expert_load",
+    "auxiliary_loss",
+)
+# A partial last group under a traced call can take at most this many sizes
+# (one switch branch each); see `MoE._partial_group_sizes`.
+MAX_TRACED_PARTIAL_SIZES = 32
+
+
+@dataclasses.dataclass
+class _Part:
+    """What a call keeps of the routing of one part of its groups.
+
+    `loss`: the auxiliary losses summed over the part's groups, or None;
+    `mean_loss`: their mean (None likewise); `statistics`: the routing's `statistics()`; `num_groups` and
+    `num_tokens`: ints, or int tensors under a traced call.
+    """
+
+    loss: object
+    mean_loss: object
+    statistics: dict
+    num_groups: object
+    num_tokens: object
+
+    @classmethod
+    def of(cls, routing, num_groups):
+        loss = mean_loss = routing.auxiliary_loss
+        if loss is not None:
+            loss = ops.sum(ops.cast(routing.auxiliary_loss, "float32"))
+            mean_loss = ops.mean(routing.auxiliary_loss)
+        return cls(
+            loss=loss,
+            mean_loss=mean_loss,
+            statistics=routing.statistics(),
+            num_groups=num_groups,
+            num_tokens=num_groups * routing.num_tokens,
+        )
+
+
+def _mean_auxiliary_loss(parts):
+    """Mean over all groups of the call of the auxiliary loss, or None."""
+    if parts[0].loss is None:
+        return None
+    if len(parts) == 1:
+        return parts[0].mean_loss
+    total = sum(part.loss for part in parts)
+    groups = sum(ops.cast(part.num_groups, "float32") for part in parts)
+    return total / ops.maximum(groups, 1.0)
+
+
+def _weighted_mean(values, weights):
+    """`sum(w * v) / sum(w)`; parts of weight 0 count nothing (not even NaN)."""
+    total, weight_sum = 0.0, 0.0
+    for value, weight in zip(values, weights):
+        weight = ops.cast(weight, "float32")
+        total = total + ops.where(weight > 0, value * weight, ops.zeros_like(value))
+        weight_sum = weight_sum + weight
+    return total / ops.maximum(weight_sum, 1.0)
+
+
+def _combine_statistics(parts, num_experts):
+    """The statistics of a call's groups from those of its parts.
+
+    Per token (dropped, experts per token): weighted by the parts' tokens;
+    per group (expert load, auxiliary loss): by their groups.
+    """
+    if len(parts) == 1:
+        return parts[0].statistics
+    tokens = [part.num_tokens for part in parts]
+    groups = [part.num_groups for part in parts]
+    stats = {}
+    for name, weights in (
+        ("fraction_tokens_dropped", tokens),
+        ("experts_per_token", tokens),
+        ("expert_load", groups),
+        ("auxiliary_loss", groups),
+    ):
+        values = [ops.cast(part.statistics[name], "float32") for part in parts]
+        stats[name] = _weighted_mean(values, weights)
+    stats["load_imbalance"] = ops.max(stats["expert_load"]) * num_experts
+    return stats

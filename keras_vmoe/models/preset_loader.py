@@ -25,33 +25,25 @@ some change (the V-MoE backbone resets `router_config` with a new router).
 
 import difflib
 import inspect
-import json
 import os
 import pathlib
 
 import keras
 from keras_hub.models import Backbone, ImageClassifier, Preprocessor
 
-PRESETS_ENV_VAR = "KERAS_VMOE_PRESETS_DIR"
+from keras_vmoe.utils import preset_files
+from keras_vmoe.utils.preset_files import (  # noqa: F401 (re-exported)
+    PRESETS_ENV_VAR,
+    PresetFileError,
+    read_json,
+)
+
 # Packages whose registered classes a preset may name (keras-hub registers
 # its classes under "keras_hub" and, for older files, "keras_nlp").
 TRUSTED_PACKAGES = ("keras_vmoe", "keras_hub", "keras_nlp")
 # Serialized objects that carry Python code: a Keras `Lambda` layer and a
 # Python `lambda` (marshalled bytecode), which Keras' safe mode refuses.
 _CODE_CLASS_NAMES = {"Lambda": "a `Lambda` layer", "__lambda__": "a Python `lambda`"}
-
-
-class PresetFileError(ValueError):
-    """A preset file that exists but cannot be used (unreadable, corrupt).
-
-    Args:
-        message: str. What is wrong, naming the file.
-        path: str or os.PathLike. The file.
-    """
-
-    def __init__(self, message, path):
-        super().__init__(message)
-        self.path = str(path)
 
 
 class UnsafePresetError(PresetFileError):
@@ -65,28 +57,14 @@ class UnsafePresetError(PresetFileError):
 
 
 def presets_dir():
-    """The folder holding the built-in presets.
+    """The folder holding the built-in presets (`preset_files.presets_dir`).
 
     Looked up in order: `$KERAS_VMOE_PRESETS_DIR`; `keras_vmoe/presets`
     (installed as package data); `presets/` next to the package (a source
     checkout); `<sys.prefix>/share/keras_vmoe/presets` (installed as data
     files). Returns the first that exists, else the checkout location.
     """
-    import sys
-
-    here = pathlib.Path(__file__).resolve().parent  # keras_vmoe/models
-    candidates = []
-    if os.environ.get(PRESETS_ENV_VAR):
-        candidates.append(pathlib.Path(os.environ[PRESETS_ENV_VAR]))
-    candidates += [
-        here.parent / "presets",
-        here.parent.parent / "presets",
-        pathlib.Path(sys.prefix) / "share" / "keras_vmoe" / "presets",
-    ]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    return here.parent.parent / "presets"
+    return preset_files.presets_dir(__file__)
 
 
 def builtin_names():
@@ -95,32 +73,7 @@ def builtin_names():
     Hidden folders (`.tmp-*`, `.old-*` left by an interrupted atomic save)
     are not presets.
     """
-    root = presets_dir()
-    if not root.is_dir():
-        return []
-    return sorted(
-        p.name
-        for p in root.iterdir()
-        if not p.name.startswith(".") and (p / "config.json").is_file()
-    )
-
-
-def read_json(folder, filename, required=True):
-    path = pathlib.Path(folder) / filename
-    if not path.is_file():
-        if required:
-            raise FileNotFoundError(
-                f"Preset folder '{folder}' has no `{filename}` (expected {path})."
-            )
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PresetFileError(
-            f"Preset file {path} is not valid JSON (truncated or corrupt?): {e}",
-            path,
-        ) from e
+    return preset_files.builtin_names(presets_dir())
 
 
 def _find_code(node, where):

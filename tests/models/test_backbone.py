@@ -189,13 +189,16 @@ def test_layout_is_derived_once_and_read_everywhere():
         VisionMoEBackbone.layout_from_config(dict(TINY, num_expert=4))
 
 
-def test_default_placement_and_group_divisibility():
+def test_default_placement_and_a_partial_group():
     backbone = VisionMoEBackbone(
         **dict(tiny_moe("softmax_expert_choice"), moe_layers=None)
     )
     assert backbone.moe_layer_indices == (1,)  # "every:2" by default
-    with pytest.raises(ValueError, match="divisible"):
-        backbone(np.zeros((3, 16, 16, 3), "float32"))  # 3 images, groups of 2
+    # 3 images, groups of 2: the third is routed as a batch of its own.
+    images = np.random.default_rng(0).uniform(size=(3, 16, 16, 3)).astype("float32")
+    pooled = keras.ops.convert_to_numpy(backbone(images)["pooled_output"])
+    alone = keras.ops.convert_to_numpy(backbone(images[2:])["pooled_output"])
+    np.testing.assert_allclose(pooled[2:], alone, atol=1e-5)
 
 
 @pytest.mark.parametrize(

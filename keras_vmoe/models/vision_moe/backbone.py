@@ -44,8 +44,10 @@ class VisionMoEBackbone(Backbone):
     or average of the patch tokens).
 
     MoE layers route tokens in groups of `group_size` images
-    (`group_size * T` tokens), or of `tokens_per_group` tokens: the batch
-    size must be a multiple of `group_size`. Each MoE layer adds its router's auxiliary loss with
+    (`group_size * T` tokens), or of `tokens_per_group` tokens. Any batch
+    size works: a partial last group is routed as a batch of its own
+    (`keras_vmoe.layers.MoE`; docs/routers.md, "Groups"). Each MoE layer
+    adds its router's auxiliary loss with
     `add_loss`, so `fit()` minimises it together with the task loss.
 
     The sizes derived from the arguments (patch grid, `T`, MoE blocks,
@@ -78,8 +80,8 @@ class VisionMoEBackbone(Backbone):
             `group_size * sequence_length` tokens). With `tokens_per_group`,
             the images whose tokens fill whole routing groups
             (`group_size * sequence_length` must be a multiple of
-            `tokens_per_group`); either way batches must be a multiple of
-            it. Defaults to `8`.
+            `tokens_per_group`); batches that are a multiple of it hold
+            whole groups only. Defaults to `8`.
         identical_expert_init: bool. Initialise all experts of a layer with
             the same weights, as the reference does. Defaults to `False`.
         use_class_token: bool. Prepend a learned class token. Defaults to
