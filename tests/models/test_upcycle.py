@@ -17,6 +17,7 @@ import pytest
 from keras_vmoe.models import (
     VisionMoEBackbone,
     VisionMoEImageClassifier,
+    VisionMoEImageClassifierPreprocessor,
     from_preset,
     upcycle,
 )
@@ -252,6 +253,49 @@ def test_keras_hub_classifier_keeps_its_logits():
     assert moe.representation_size == 8 and moe.num_classes == 3
     x = _images()
     np.testing.assert_allclose(_outputs(moe, x), _outputs(classifier, x), atol=1e-5)
+
+
+def test_classifier_preprocessor_carries_over():
+    # A keras-hub ViT classifier whose converter scales pixels by 1/255 (no
+    # offset) and resizes to 16x16: the upcycled classifier prepares raw
+    # images the same way, so with one expert that keeps every token its
+    # preprocessed logits on 24x20 float images equal the dense ones.
+    converter = keras_hub.layers.ImageConverter(image_size=(16, 16), scale=1 / 255)
+    classifier = keras_hub.models.ViTImageClassifier(
+        _hub_backbone(),
+        num_classes=3,
+        intermediate_dim=8,
+        preprocessor=keras_hub.models.ImageClassifierPreprocessor(
+            image_converter=converter
+        ),
+    )
+    _randomize(classifier, seed=3)
+    moe = upcycle(
+        classifier,
+        router="softmax_expert_choice",
+        num_experts=1,
+        moe_layers="all",
+        router_config=KEEP_ALL["softmax_expert_choice"],
+        group_size=2,
+    )
+    ours = moe.preprocessor.image_converter
+    assert ours.image_size == (16, 16)
+    assert ours.scale == pytest.approx(1 / 255) and ours.offset is None
+    raw = np.random.default_rng(5).uniform(0, 255, (2, 24, 20, 3)).astype("float32")
+    expected = _outputs(classifier, classifier.preprocessor(raw))
+    np.testing.assert_allclose(
+        _outputs(moe, moe.preprocessor(raw)), expected, atol=1e-5
+    )
+    # Our dense classifier's [-1, 1] converter carries over unchanged.
+    dense = VisionMoEImageClassifier(
+        _ours_dense(),
+        num_classes=3,
+        preprocessor=VisionMoEImageClassifierPreprocessor.for_backbone(_ours_dense()),
+    )
+    upcycled = upcycle(dense, router="soft", num_experts=2, seed=0)
+    assert upcycled.preprocessor.image_converter.get_config() == (
+        dense.preprocessor.image_converter.get_config()
+    )
 
 
 def test_already_moe_and_no_block_fail():

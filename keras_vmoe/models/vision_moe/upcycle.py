@@ -24,6 +24,9 @@ import numpy as np
 from keras_vmoe.models import preset_loader
 from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
 from keras_vmoe.models.vision_moe.image_classifier import VisionMoEImageClassifier
+from keras_vmoe.models.vision_moe.image_classifier_preprocessor import (
+    VisionMoEImageClassifierPreprocessor,
+)
 
 # Dense MLP weight -> the stacked expert weight it initialises.
 _MLP_TO_EXPERTS = {
@@ -92,8 +95,10 @@ def upcycle(
     the dropout rates and the dtype carry over. `data_format=
     "channels_first"` and, for a `ViTImageClassifier`, a `pooling` or
     `activation` our classifier cannot express raise a `ValueError` naming
-    the option. A keras-hub preprocessor is not carried over: preprocess
-    images as the dense model expects.
+    the option. A dense classifier's preprocessor carries over as a
+    `VisionMoEImageClassifierPreprocessor` with the same pixel scale and
+    offset, resize interpolation and cropping (a keras-hub ViT's scaling
+    included), so `predict` on raw images keeps working.
 
     Args:
         dense: the dense model: a keras-hub `ViTBackbone` or
@@ -174,10 +179,56 @@ def upcycle(
     if source["head"] is None:
         return backbone
     head = source["head"]
-    model = VisionMoEImageClassifier(backbone, **head["config"])
+    model = VisionMoEImageClassifier(
+        backbone,
+        preprocessor=preprocessor_like(source["preprocessor"], backbone),
+        **head["config"],
+    )
     for layer_name, values in head["weights"].items():
         model.get_layer(layer_name).set_weights(values)
     return model
+
+
+# keras-hub `ImageConverter` arguments that say how pixels are prepared.
+_CONVERTER_ARGUMENTS = (
+    "scale",
+    "offset",
+    "crop_to_aspect_ratio",
+    "pad_to_aspect_ratio",
+    "interpolation",
+    "antialias",
+)
+
+
+def preprocessor_like(preprocessor, backbone):
+    """Our classifier preprocessor that prepares pixels as `preprocessor` does.
+
+    Args:
+        preprocessor: a keras-hub `ImageClassifierPreprocessor` (ours or a
+            keras-hub ViT's), or None.
+        backbone: `VisionMoEBackbone`. Its image size is the output size.
+
+    Returns:
+        `VisionMoEImageClassifierPreprocessor`, or None when `preprocessor`
+        is None or has no image converter.
+
+    Example (a keras-hub ViT converter scales by 1/255 and no offset):
+    >>> from keras_hub.layers import ImageConverter
+    >>> from keras_hub.models import ImageClassifierPreprocessor
+    >>> hub = ImageClassifierPreprocessor(
+    ...     image_converter=ImageConverter(image_size=(32, 32), scale=1 / 255))
+    >>> backbone = VisionMoEBackbone(image_shape=(16, 16, 3), patch_size=4,
+    ...     num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
+    >>> ours = preprocessor_like(hub, backbone).image_converter
+    >>> ours.image_size, round(ours.scale, 6), ours.offset
+    ((16, 16), 0.003922, None)
+    """
+    converter = getattr(preprocessor, "image_converter", None)
+    if converter is None:
+        return None
+    config = converter.get_config()
+    arguments = {k: config[k] for k in _CONVERTER_ARGUMENTS if k in config}
+    return VisionMoEImageClassifierPreprocessor.for_backbone(backbone, **arguments)
 
 
 def load_dense(dense):
@@ -215,8 +266,9 @@ def dense_source(model):
     Returns:
         dict with `"config"` (`VisionMoEBackbone` arguments of the dense
         model), `"weights"` (`{path in our dense backbone: numpy array}`)
-        and `"head"` (None, or `{"config": classifier arguments,
-        "weights": {layer name: list of arrays}}`).
+        `"head"` (None, or `{"config": classifier arguments,
+        "weights": {layer name: list of arrays}}`) and `"preprocessor"`
+        (the classifier's, or None).
 
     Raises:
         ValueError: not a supported dense model, or an option of it that
@@ -227,6 +279,7 @@ def dense_source(model):
     if isinstance(model, VisionMoEImageClassifier):
         source = _ours_source(model.backbone)
         source["head"] = _ours_head(model)
+        source["preprocessor"] = model.preprocessor
         return source
     if isinstance(model, VisionMoEBackbone):
         return _ours_source(model)
@@ -235,6 +288,7 @@ def dense_source(model):
         head_config, pooling = _hub_head(model, source["config"]["use_class_token"])
         source["config"]["pooling"] = pooling
         source["head"] = head_config
+        source["preprocessor"] = model.preprocessor
         return source
     if isinstance(model, ViTBackbone):
         return _hub_source(model)
@@ -263,7 +317,12 @@ def _ours_source(backbone):
     for name in _MOE_ARGUMENTS:
         config.pop(name, None)
     config["expert_hidden_dim"] = None
-    return {"config": config, "weights": _values(backbone.weights), "head": None}
+    return {
+        "config": config,
+        "weights": _values(backbone.weights),
+        "head": None,
+        "preprocessor": None,
+    }
 
 
 def _ours_head(model):
@@ -332,7 +391,7 @@ def _hub_source(backbone):
         _zero_missing_biases(weights, f"encoder_block_{i}/")
     weights["encoder_norm/gamma"] = hub["vit_encoder/ln/gamma"]
     weights["encoder_norm/beta"] = hub["vit_encoder/ln/beta"]
-    return {"config": config, "weights": weights, "head": None}
+    return {"config": config, "weights": weights, "head": None, "preprocessor": None}
 
 
 def _zero_missing_biases(weights, block):
