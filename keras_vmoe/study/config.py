@@ -104,7 +104,7 @@ class StudyConfig:
         augment: bool. Random horizontal flips and shifts of the training
             images (Keras preprocessing layers). Defaults to `True`.
         max_shift: int. Largest shift in pixels, each axis. Defaults to `2`.
-        epochs: int. Training epochs. Defaults to `6`.
+        epochs: int. Training epochs. Defaults to `4`.
         batch_size: int. Training batch (a multiple of `group_size`).
             Defaults to `128`.
         learning_rate: float. Peak learning rate. Defaults to `3e-3`.
@@ -165,7 +165,7 @@ class StudyConfig:
     identical_expert_init: bool = True
     augment: bool = True
     max_shift: int = 2
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 128
     learning_rate: float = 3e-3
     warmup_fraction: float = 0.1

@@ -68,9 +68,7 @@ def _select(x, y, classes, size):
 
 
 def _class_dirs(root):
-    return sorted(
-        d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
-    )
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
 
 def _image_files(directory):
@@ -179,7 +177,9 @@ def load_upstream(config):
         train = load_arrays(config.dataset, "train", image_size=size, channels=channels)
         splits = _tfds_splits(config.dataset)
         test_split = "test" if "test" in splits else "validation"
-        test = load_arrays(config.dataset, test_split, image_size=size, channels=channels)
+        test = load_arrays(
+            config.dataset, test_split, image_size=size, channels=channels
+        )
     except (DatasetNotPreparedError, ValueError) as error:
         raise StudyDataError(f"--dataset {config.dataset!r}: {error}") from error
     num_classes = int(max(train[1].max(), test[1].max())) + 1

@@ -107,7 +107,9 @@ def run_study(config, model_names=None, seeds=None, output_dir=".", stream=None)
     for model_name in model_names:
         for seed in range(seeds):
             progress.start_run(model_name, seed)
-            run = train_and_evaluate(config, model_name, seed, data, progress)
+            run = train_and_evaluate(
+                config, model_name, seed, data, progress, routing_maps=seed == 0
+            )
             progress.end_run()
             runs.append(run)
             if seed == 0 and model_name != study_config.DENSE:

@@ -106,7 +106,10 @@ DIFFERENCE_PANELS = (
     ("test_accuracy", "test accuracy"),
     ("fewshot_10shot", "10-shot accuracy"),
 )
-BASELINE_MARKERS = (("dense", "o", "vs dense ViT"), ("softmax_token_choice", "s", "vs softmax TC"))
+BASELINE_MARKERS = (
+    ("dense", "o", "vs dense ViT"),
+    ("softmax_token_choice", "s", "vs softmax TC"),
+)
 
 
 def plot_differences(comparisons, models, path):

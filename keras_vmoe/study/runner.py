@@ -170,8 +170,9 @@ def capture_routings(model, images):
     """`{layer path: Routing}` of every MoE layer on `images` (eager pass)."""
     layers = moe_layers(model)
     with contextlib.ExitStack() as stack:
-        captured = {layer.path: stack.enter_context(layer.capture_routing())
-                    for layer in layers}
+        captured = {
+            layer.path: stack.enter_context(layer.capture_routing()) for layer in layers
+        }
         if layers:
             model(images, training=False)
     return {path: routings[-1] for path, routings in captured.items() if routings}
@@ -205,7 +206,9 @@ def _mean_over_layers(stats, name):
     return float(np.mean([layer[name] for layer in stats.values()]))
 
 
-def train_and_evaluate(config, model_name, seed, data, progress=None):
+def train_and_evaluate(
+    config, model_name, seed, data, progress=None, routing_maps=True
+):
     """Trains one model of the study and evaluates it.
 
     Args:
@@ -215,14 +218,19 @@ def train_and_evaluate(config, model_name, seed, data, progress=None):
             the router noise and the few-shot draws.
         data: `StudyData`.
         progress: `StudyProgress` or None. Receives the epoch ends.
+        routing_maps: bool. Record the expert-per-patch maps (an eager
+            forward pass, several seconds for a sparse router on a CPU).
+            Soft MoE runs the pass anyway, for its dispatch sharpness.
+            Defaults to `True`.
 
     Returns:
         dict: `model`, `seed`, `test_accuracy`, `fewshot` (`{shot: acc}`),
         `images_per_second`, `gflops_per_image`, `params`,
         `fraction_tokens_dropped` and `load_imbalance` (mean over MoE layers
         on the test set; `None` for the dense model), `slots_per_group`
-        (`E * C` of the last MoE layer's routing at evaluation; `None` for
-        the dense model), `images_per_group` (of the routing),
+        (`E * C` of the last MoE layer's routing at evaluation, or the
+        plan's without a routing pass; `None` for the dense model),
+        `images_per_group` (of the routing),
         `tokens_per_slot` and `max_dispatch_weight` (Soft MoE's routing
         sharpness, mean over MoE layers; `None` for the others),
         `routing_statistics` and `routing_sharpness` (per layer), `history`
@@ -284,21 +292,29 @@ def train_and_evaluate(config, model_name, seed, data, progress=None):
     # (their expert per patch), and for Soft MoE of `diagnostic_images`
     # (how sharp its dispatch is; sparse routers report dropped tokens and
     # load instead, from the compiled test pass).
-    n_maps = -(-config.routing_images // group) * group
+    n_maps = -(-config.routing_images // group) * group if routing_maps else 0
     n_pass = n_maps
     if model_name == study_config.SOFT:
         n_pass = max(n_maps, -(-config.diagnostic_images // group) * group)
-    routings = capture_routings(model, pad_to_groups(data.x_test[:n_pass], group))
+    routings = {}
+    if n_pass:
+        images = pad_to_groups(data.x_test[:n_pass], group)
+        routings = capture_routings(model, images)
     sharpness = routing_sharpness(routings)
     map_images = data.x_test[:n_maps]  # whole groups (padded if the set is short)
     maps = slots = None
+    if model_name != study_config.DENSE:
+        plan = study_config.equal_compute(config)
+        per_expert = plan["router_configs"][model_name].get("num_slots")
+        per_expert = per_expert or plan["slots_per_expert"]
+        slots = config.num_experts * per_expert  # the plan's E * C
     if routings:
         routing = list(routings.values())[-1]  # the last MoE layer
         grid = config.image_size // config.patch_size
         maps = patch_expert_maps(
             routing, config.tokens_per_image, grid, config.use_class_token
         )
-        maps = maps[: len(map_images)]
+        maps = maps[: len(map_images)] if routing_maps else None
         slots = routing.num_experts * routing.capacity  # E * C actually run
     bb_config = study_config.backbone_config(config, model_name)
     flops = backbone_flops(bb_config) + head_flops(

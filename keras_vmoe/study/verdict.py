@@ -127,7 +127,11 @@ def _metric_verdict(runs, metric, confidence):
                     + ", ".join(f"{r} {_fmt(versus[r])}" for r in below)
                     + "."
                 )
-            return {"text": " ".join(sentences), "moe_beats_dense": False, "ranking": []}
+            return {
+                "text": " ".join(sentences),
+                "moe_beats_dense": False,
+                "ranking": [],
+            }
         sentences.append(
             f"{name}: above the dense ViT: "
             + ", ".join(f"{r} {_fmt(versus[r])}" for r in above)
@@ -161,8 +165,7 @@ def _metric_verdict(runs, metric, confidence):
             )
         else:
             sentences.append(
-                "No two routers separate: no ranking can be stated at this "
-                "resolution."
+                "No two routers separate: no ranking can be stated at this resolution."
             )
     return {"text": " ".join(sentences), "moe_beats_dense": beats, "ranking": ranking}
 
