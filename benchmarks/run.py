@@ -27,6 +27,8 @@ def end_to_end_all_backends():
 
 
 OUTPUT = os.path.join(ROOT, "BENCHMARKS.md")
+# Measurements of the router study (`make demo`), kept by hand.
+STUDY_NOTE = os.path.join(ROOT, "benchmarks", "router_study.md")
 GPU_NOTE = (
     "`benchmarks/gpu.sh` measures a B/16 V-MoE per router in bfloat16 on a "
     "GPU (images/s and model FLOP utilisation, under 5 minutes). It has not "
@@ -79,6 +81,8 @@ def main(path=OUTPUT):
         f.write(f"\n## Against the targets\n\n{targets.__doc__.strip()}\n\n")
         f.write(markdown_table(target_rows, targets.COLUMNS) + "\n")
         f.write(f"\n## GPU\n\n{GPU_NOTE}\n")
+        if os.path.exists(STUDY_NOTE):
+            f.write("\n" + open(STUDY_NOTE).read())
     print(open(path).read())
 
 
