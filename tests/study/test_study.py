@@ -451,7 +451,12 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
     with open(out / "differences.csv") as f:
         assert len(list(csv.DictReader(f))) >= 2 * (len(QUICK_MODELS) - 1)
-    for name in ("accuracy.png", "training_curves.png", "routing.png", "differences.png"):
+    for name in (
+        "accuracy.png",
+        "training_curves.png",
+        "routing.png",
+        "differences.png",
+    ):
         _check_png(out / name)
 
 
@@ -563,7 +568,12 @@ def test_fewshot_accuracy_is_averaged_over_draws():
     # Draws 0, 1, 2 of seed 2 use the shot seeds 2000, 2001, 2002.
     singles = [
         fewshot_linear_accuracy(
-            f_train, y_train, f_test, y_test, shots=(2,), l2_regs=(config.fewshot_l2,),
+            f_train,
+            y_train,
+            f_test,
+            y_test,
+            shots=(2,),
+            l2_regs=(config.fewshot_l2,),
             seed=2000 + d,
         )[2][config.fewshot_l2]
         for d in range(3)
@@ -583,7 +593,9 @@ def test_routing_sharpness_by_hand():
     w = np.array([[0.25, 0.5], [0.25, 0.5], [0.25, 0.0], [0.25, 0.0]], "float32")
     w = w.reshape(1, 4, 1, 2)
     sparse = SparseRouting(
-        np.array([[[0]]]), np.ones((1, 1, 1), "float32"), np.ones((1, 1, 1), "float32"),
+        np.array([[[0]]]),
+        np.ones((1, 1, 1), "float32"),
+        np.ones((1, 1, 1), "float32"),
         num_tokens=4,
     )
     # Sparse routings have one token per slot: none reported.
@@ -649,12 +661,23 @@ def test_scales_and_their_models():
     command.add_arguments(parser)
     config = command.make_config(parser.parse_args([]))
     assert config == DEFAULT and config.seeds == 4
-    assert config.models == ("dense", "softmax_token_choice", "softmax_expert_choice", "soft")
+    assert config.models == (
+        "dense",
+        "softmax_token_choice",
+        "softmax_expert_choice",
+        "soft",
+    )
     gpu = command.make_config(parser.parse_args(["--scale", "gpu", "--seeds", "3"]))
     assert gpu == study_config.GPU.replace(seeds=3)
     assert gpu.models == study_config.model_names()  # every router
     # GPU scale: 49 tokens, d = 192, h = 384: Soft MoE within 3% as well.
     plan = study_config.equal_compute(gpu)
     assert abs(plan["soft_flops_ratio"] - 1) <= 0.03
-    folder = command.make_config(parser.parse_args(["--dataset", "/x", "--routers", "soft,dense"]))
-    assert (folder.dataset, folder.channels, folder.models) == ("/x", 3, ("dense", "soft"))
+    folder = command.make_config(
+        parser.parse_args(["--dataset", "/x", "--routers", "soft,dense"])
+    )
+    assert (folder.dataset, folder.channels, folder.models) == (
+        "/x",
+        3,
+        ("dense", "soft"),
+    )

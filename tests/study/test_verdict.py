@@ -121,7 +121,12 @@ def test_differences_in_the_table_and_files(tmp_path):
     table = report.format_differences(comparisons, list(TEST)).splitlines()
     assert table[0].split()[:5] == ["model", "test", "acc", "-", "dense"]
     # Token Choice - dense: +0.015 [+0.006, +0.024], resolved (*).
-    assert table[2].split()[:4] == ["softmax_token_choice", "+0.015", "[+0.006,", "+0.024]*"]
+    assert table[2].split()[:4] == [
+        "softmax_token_choice",
+        "+0.015",
+        "[+0.006,",
+        "+0.024]*",
+    ]
     summary = report.summarize(runs)
     report.write_results(
         str(tmp_path), {}, runs, summary, comparisons, verdict.study_verdict(runs)
