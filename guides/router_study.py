@@ -78,7 +78,7 @@ minutes on 2 CPU cores; `--scale gpu` is a larger study for one GPU:
 keras-vmoe study --output study_output            # 4 models, 4 seeds
 keras-vmoe study --routers all --seeds 6          # all seven models
 keras-vmoe study --scale gpu                      # larger ViT-MoE, on a GPU
-keras-vmoe study --dataset imagenet2012 --image-size 64 --train-size 100000
+keras-vmoe study --scale gpu --dataset imagenet2012 --image-size 64 --train-size 100000
 keras-vmoe study --quick --output /tmp/study      # a smoke test
 ```
 

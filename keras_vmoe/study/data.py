@@ -6,7 +6,7 @@ replaces the upstream data with
 
 - the name of a TFDS dataset already prepared on disk (`tfds build NAME`;
   nothing is downloaded): its `train` split, and its `test` split (or
-  `validation` where there is no `test`);
+  `validation` where there is no labelled `test`, as for `imagenet2012`);
 - or the path of an image folder: `DIR/train/CLASS/*.png` and
   `DIR/test/CLASS/*.png`, or `DIR/CLASS/*.png` (every fifth image of each
   class, in sorted file order, becomes a test image).
@@ -176,10 +176,15 @@ def load_upstream(config):
     try:
         train = load_arrays(config.dataset, "train", image_size=size, channels=channels)
         splits = _tfds_splits(config.dataset)
-        test_split = "test" if "test" in splits else "validation"
-        test = load_arrays(
-            config.dataset, test_split, image_size=size, channels=channels
-        )
+        test = None
+        if "test" in splits:
+            test = load_arrays(
+                config.dataset, "test", image_size=size, channels=channels
+            )
+        if test is None or (test[1] < 0).any():  # no labelled test split
+            test = load_arrays(
+                config.dataset, "validation", image_size=size, channels=channels
+            )
     except (DatasetNotPreparedError, ValueError) as error:
         raise StudyDataError(f"--dataset {config.dataset!r}: {error}") from error
     num_classes = int(max(train[1].max(), test[1].max())) + 1

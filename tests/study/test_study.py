@@ -681,3 +681,20 @@ def test_scales_and_their_models():
         3,
         ("dense", "soft"),
     )
+
+
+def test_tfds_dataset_by_name():
+    from keras_vmoe.study.data import load_study_data
+
+    # `digits` is prepared locally as a TFDS dataset: loaded by name like
+    # any prepared TFDS dataset (train and test splits, label names).
+    config = QUICK.replace(dataset="digits", train_size=100, test_size=50)
+    data = load_study_data(config)
+    assert data.class_names == tuple(str(i) for i in range(10))
+    assert data.x_train.shape == (100, 28, 28, 1) and data.x_test.shape == (
+        50,
+        28,
+        28,
+        1,
+    )
+    assert set(data.y_test.tolist()) <= set(range(10))
