@@ -34,6 +34,8 @@ def end_to_end_all_backends():
 
 
 OUTPUT = os.path.join(ROOT, "BENCHMARKS.md")
+# Measurements of the router study (`make demo`), kept by hand.
+STUDY_NOTE = os.path.join(ROOT, "benchmarks", "router_study.md")
 GPU_NOTE = (
     "`benchmarks/gpu.sh` measures a B/16 V-MoE per router in bfloat16 on a "
     "GPU (images/s and model FLOP utilisation, under 5 minutes). It has not "
@@ -89,6 +91,8 @@ def main(path=OUTPUT):
             with open(upcycling.RESULTS_PATH) as saved:
                 f.write(f"\n## Sparse upcycling on Animal-MNIST\n\n{saved.read()}")
         f.write(f"\n## GPU\n\n{GPU_NOTE}\n")
+        if os.path.exists(STUDY_NOTE):
+            f.write("\n" + open(STUDY_NOTE).read())
     print(open(path).read())
 
 

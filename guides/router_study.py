@@ -47,12 +47,17 @@ accelerator.
 """
 ## Equal compute
 
-A fair comparison gives every router the same number of expert slots per
-token. `keras_vmoe.study.equal_compute` works out the router settings from
-the study configuration: Token Choice with `K = 2` at capacity factor `c`,
-Expert Choice at factor `K * c`, Soft MoE with as many slots per expert, all
-without rounding capacities up to a multiple of 4. The experts have
-`mlp_dim / K` hidden units, so the dense ViT's MLP costs the same per token.
+A fair comparison gives every model the same FLOPs per image.
+`keras_vmoe.study.equal_compute` works out the router settings from the
+study configuration: the sparse routers (groups of 4 images) fill the same
+expert slots, Token Choice with `K = 2` at capacity factor `c` and Expert
+Choice at factor `K * c`, without rounding capacities up to a multiple of 4.
+The experts have `mlp_dim / K` hidden units, so the dense ViT's MLP costs
+the same per token. Soft MoE routes one image per group, and its slots per
+expert are the count whose FLOPs per image the cost model puts closest to
+the sparse routers' (within 3%): a Soft MoE slot also mixes all `S` tokens
+of its group, `3*S*d` extra multiply-accumulates against the expert's
+`2*d*h`.
 """
 
 config = study.QUICK if QUICK else study.DEFAULT
@@ -65,16 +70,21 @@ for name, router_config in plan["router_configs"].items():
 ## Running the study
 
 From a shell, the study is one command. `--quick` is a smoke test that takes a
-minute or two on a CPU; the default study trains every model for 6 epochs on
-the 8,000 training images, best run on an accelerator:
+minute or two on a CPU; the default study trains the dense ViT, Softmax
+Token and Expert Choice and Soft MoE with 4 seeds each within about 10
+minutes on 2 CPU cores; `--scale gpu` is a larger study for one GPU:
 
 ```shell
-keras-vmoe study --output study_output            # all seven models, 1 seed
-keras-vmoe study --routers dense,soft --seeds 3   # a subset, 3 seeds each
+keras-vmoe study --output study_output            # 4 models, 4 seeds
+keras-vmoe study --routers all --seeds 6          # all seven models
+keras-vmoe study --scale gpu                      # larger ViT-MoE, on a GPU
+keras-vmoe study --scale gpu --dataset imagenet2012 --image-size 64 --train-size 100000
 keras-vmoe study --quick --output /tmp/study      # a smoke test
 ```
 
-`--epochs` and `--batch-size` override the configuration. From Python,
+`--epochs`, `--batch-size`, `--seeds` and `--routers` override the
+configuration; `--dataset` takes a TFDS dataset prepared on disk or an image
+folder. From Python,
 `keras_vmoe.cli.main` takes the same arguments (and returns the exit status).
 Here we write the outputs into a temporary folder.
 """
@@ -94,10 +104,13 @@ print("exit status:", status)
 The output folder holds the numbers and the pictures:
 
 - `results.json`: the settings (with the equal-compute statement), a summary
-  per model (mean and standard deviation over seeds of every metric) and
-  every run;
-- `results.csv` (one row per run) and `summary.csv` (one row per model);
-- `accuracy.png`, `training_curves.png` and `routing.png`.
+  per model (mean and standard deviation over seeds of every metric), the
+  paired differences of every model against the dense ViT and Softmax Token
+  Choice with their 95% intervals, the verdict, and every run (per seed);
+- `results.csv` (one row per run), `summary.csv` (one row per model) and
+  `differences.csv` (one row per comparison);
+- `accuracy.png`, `differences.png` (with more than one seed),
+  `training_curves.png` and `routing.png`.
 """
 
 print(sorted(f for f in os.listdir(output_dir) if not f.startswith(".")))
@@ -163,11 +176,14 @@ for picture in ("accuracy.png", "training_curves.png", "routing.png"):
 """
 ## Reading the results
 
-- **Seeds first.** With small models and short runs, two seeds of the same
-  router can differ by more than two routers do. Look at the standard
-  deviations (run `--seeds 3` or more) before ranking routers. The quick
-  study trains for one epoch on a few hundred images: it checks that
-  everything runs, and its numbers mean nothing.
+- **Intervals first.** With small models and short runs, two seeds of the
+  same router can differ by more than two routers do. The study pairs the
+  models by seed and prints each router's difference against the dense ViT
+  and Softmax Token Choice with a 95% interval; its verdict states a ranking
+  only where those intervals separate, and none when the MoE models do not
+  beat the dense ViT. The quick study trains for one epoch on a few hundred
+  images with one seed: it checks that everything runs, and its numbers
+  mean nothing.
 - **Dropped tokens and imbalance explain Token Choice.** Softmax Token
   Choice drops tokens whose chosen experts are full and balances its experts
   only through auxiliary losses. Sinkhorn Token Choice balances the

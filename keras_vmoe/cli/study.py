@@ -1,11 +1,15 @@
-"""Compare the six routers and a dense ViT at equal compute (the paper, small).
+"""Compare the routers and a dense ViT at equal compute (the paper, small).
 
-    keras-vmoe study [--routers all|NAME,...] [--seeds N] [--epochs N]
-                     [--quick] [--output DIR] [--batch-size B]
+    keras-vmoe study [--routers default|all|NAME,...] [--seeds N] [--epochs N]
+                     [--quick | --scale cpu|gpu] [--dataset NAME|DIR]
+                     [--channels 1|3] [--image-size N] [--train-size N]
+                     [--test-size N] [--output DIR] [--batch-size B]
 
-Trains a small ViT-MoE on Animal-MNIST with each router (and the dense ViT),
-then prints and saves test accuracy, few-shot transfer to digits,
-throughput, FLOPs, dropped tokens and expert load imbalance, with plots.
+Trains a small ViT-MoE on Animal-MNIST (or `--dataset`) with each router
+and the dense ViT over several seeds, then prints and saves test accuracy,
+few-shot transfer to digits, throughput, FLOPs, routing sharpness, the
+paired differences against the dense ViT and Softmax Token Choice with
+their intervals, and the verdict those intervals allow, with plots.
 """
 
 import contextlib
@@ -20,13 +24,52 @@ DEFAULT_OUTPUT = "study_output"
 def add_arguments(parser):
     parser.add_argument(
         "--routers",
-        default="all",
+        default="default",
         help=(
-            "'all' (the dense ViT and the six routers) or a comma-separated "
-            f"list of: dense, {', '.join(ROUTER_NAMES)}."
+            "'default' (the scale's models; cpu: "
+            f"{', '.join(study_config.DEFAULT.models)}), 'all' (the dense ViT "
+            "and every router) or a comma-separated list of: dense, "
+            f"{', '.join(ROUTER_NAMES)}."
         ),
     )
-    parser.add_argument("--seeds", type=int, default=1, help="Seeds per model.")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help=f"Seeds per model (default {study_config.DEFAULT.seeds}; --scale gpu: "
+        f"{study_config.GPU.seeds}; --quick: {study_config.QUICK.seeds}).",
+    )
+    parser.add_argument(
+        "--scale",
+        choices=sorted(study_config.SCALES),
+        default="cpu",
+        help="cpu: the default study (about 10 minutes on 2 CPU cores); gpu: a "
+        "larger ViT-MoE (6 blocks, d=192, 49 tokens), more epochs and seeds, "
+        "every router, sized for about 10 minutes on one modern GPU.",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="Upstream data instead of Animal-MNIST: a TFDS dataset already "
+        "prepared on disk (`tfds build NAME`; nothing is downloaded) or an "
+        "image folder (DIR/train/CLASS/*, DIR/test/CLASS/* or DIR/CLASS/*).",
+    )
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=None,
+        choices=(1, 3),
+        help="Image channels (default 1; 3 with --dataset).",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="Resize images to N x N."
+    )
+    parser.add_argument(
+        "--train-size", type=int, default=None, help="Use the first N train images."
+    )
+    parser.add_argument(
+        "--test-size", type=int, default=None, help="Use the first N test images."
+    )
     parser.add_argument(
         "--epochs",
         type=int,
@@ -37,7 +80,8 @@ def add_arguments(parser):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="Tiny model, a few hundred images, 1 epoch: a smoke test (<1 min).",
+        help="Tiny model, a few hundred images, 1 epoch, 1 seed: a smoke test "
+        "(about 1 min).",
     )
     parser.add_argument(
         "--output", default=DEFAULT_OUTPUT, help="Output directory (created)."
@@ -51,11 +95,12 @@ def add_arguments(parser):
     )
 
 
-def parse_models(text):
-    """Model names from `--routers`: `"all"` or a comma-separated list.
+def parse_models(text, default=study_config.DEFAULT_MODELS):
+    """Model names from `--routers`: `"default"`, `"all"` or a list.
 
     Args:
         text: str.
+        default: tuple of str. What `"default"` means.
 
     Returns:
         tuple of names in study order (`"dense"` first, then `ROUTER_NAMES`).
@@ -66,6 +111,8 @@ def parse_models(text):
     """
     from keras_vmoe.cli.errors import UsageError
 
+    if text.strip().lower() == "default":
+        return tuple(default)
     if text.strip().lower() == "all":
         return study_config.model_names()
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -149,11 +196,22 @@ def make_config(args):
     """The `StudyConfig` for parsed arguments (validated)."""
     from keras_vmoe.cli.errors import UsageError
 
-    config = study_config.QUICK if args.quick else study_config.DEFAULT
-    if args.epochs is not None:
-        config = config.replace(epochs=args.epochs)
-    if args.batch_size is not None:
-        config = config.replace(batch_size=args.batch_size)
+    if args.quick:
+        config = study_config.QUICK
+    else:
+        config = study_config.SCALES[args.scale]
+    changes = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seeds": args.seeds,
+        "dataset": args.dataset,
+        "image_size": args.image_size,
+        "train_size": args.train_size,
+        "test_size": args.test_size,
+        "channels": args.channels or (3 if args.dataset else None),
+    }
+    config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+    config = config.replace(models=parse_models(args.routers, config.models))
     try:
         return config.validate()
     except ValueError as error:
@@ -163,16 +221,18 @@ def make_config(args):
 def run(args):
     from keras_vmoe.cli.errors import UsageError
 
-    models = parse_models(args.routers)
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}.")
-    if args.epochs is not None and args.epochs < 1:
-        raise UsageError(f"--epochs must be >= 1, got {args.epochs}.")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    for name in ("seeds", "epochs", "batch_size", "image_size", "train_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} must be >= 1, got {value}.")
+    if args.test_size is not None and args.test_size < 1:
+        raise UsageError(f"--test-size must be >= 1, got {args.test_size}.")
+    if args.dataset and not os.path.isdir(args.dataset) and os.sep in args.dataset:
+        raise UsageError(f"--dataset folder {args.dataset!r} does not exist.")
     config = make_config(args)
-    train_size = config.train_size or 8000
-    if config.batch_size > train_size:
+    train_size = config.train_size or (8000 if config.dataset is None else None)
+    if train_size is not None and config.batch_size > train_size:
         raise UsageError(
             f"--batch-size {config.batch_size} exceeds the {train_size} training "
             "images."
@@ -180,8 +240,12 @@ def run(args):
     _check_output(args.output)
     _enable_jax_compilation_cache(args.output)
 
+    from keras_vmoe.study.data import StudyDataError as DatasetError
     from keras_vmoe.study.experiment import run_study
 
     with _fast_xla_compilation(args.quick):
-        run_study(config, models, args.seeds, args.output)
+        try:
+            run_study(config, output_dir=args.output)
+        except DatasetError as error:
+            raise UsageError(str(error)) from None
     return 0

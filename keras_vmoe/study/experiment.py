@@ -11,8 +11,19 @@ from keras_vmoe.study import config as study_config
 from keras_vmoe.study.data import load_study_data
 from keras_vmoe.study.plots import write_plots
 from keras_vmoe.study.progress import StudyProgress, format_duration
-from keras_vmoe.study.report import format_table, summarize, write_results
+from keras_vmoe.study.report import (
+    format_differences,
+    format_table,
+    summarize,
+    write_results,
+)
 from keras_vmoe.study.runner import train_and_evaluate
+from keras_vmoe.study.verdict import (
+    METRICS,
+    paired_comparisons,
+    resolution,
+    study_verdict,
+)
 
 
 def study_settings(config, model_names, seeds, data):
@@ -25,7 +36,7 @@ def study_settings(config, model_names, seeds, data):
         "seeds": int(seeds),
         "config": dataclasses.asdict(config),
         "upstream": {
-            "dataset": "animal_mnist",
+            "dataset": config.dataset or "animal_mnist",
             "classes": list(data.class_names),
             "train_images": int(len(data.x_train)),
             "test_images": int(len(data.x_test)),
@@ -36,6 +47,7 @@ def study_settings(config, model_names, seeds, data):
             "pool_images": int(len(data.fewshot["x_train"])),
             "test_images": int(len(data.fewshot["x_test"])),
             "shots": list(config.shots),
+            "draws": config.fewshot_draws,
             "l2": config.fewshot_l2,
         },
         "equal_compute": {
@@ -45,19 +57,23 @@ def study_settings(config, model_names, seeds, data):
     }
 
 
-def run_study(config, model_names, seeds, output_dir, stream=None):
+def run_study(config, model_names=None, seeds=None, output_dir=".", stream=None):
     """Trains and evaluates every model with every seed and writes the report.
 
     Args:
         config: `StudyConfig`.
-        model_names: sequence of str. `"dense"` and/or router names.
-        seeds: int. Seeds `0..seeds-1` per model.
+        model_names: sequence of str or None. `"dense"` and/or router names.
+            Defaults to `config.models`.
+        seeds: int or None. Seeds `0..seeds-1` per model. Defaults to
+            `config.seeds`.
         output_dir: str. Existing, writable directory for the outputs.
         stream: file. Progress and table output. Defaults to `sys.stdout`.
 
     Returns:
-        dict with `settings`, `summary`, `runs`, `paths` (written files) and
-        `seconds` (wall time).
+        dict with `settings`, `summary`, `comparisons` (paired differences
+        against the dense ViT and Softmax Token Choice), `resolution`
+        (half-widths per metric), `verdict`, `runs`, `paths` (written
+        files) and `seconds` (wall time).
 
     Example:
 
@@ -69,6 +85,9 @@ def run_study(config, model_names, seeds, output_dir, stream=None):
     """
     stream = stream or sys.stdout
     start = time.perf_counter()
+    model_names = tuple(config.models if model_names is None else model_names)
+    seeds = config.seeds if seeds is None else int(seeds)
+    config = config.replace(models=model_names, seeds=seeds)
     config.validate()
     data = load_study_data(config)
     settings = study_settings(config, model_names, seeds, data)
@@ -79,7 +98,7 @@ def run_study(config, model_names, seeds, output_dir, stream=None):
     say(
         f"Router study on {keras.backend.backend()}: {len(model_names)} model(s) x "
         f"{seeds} seed(s), {config.epochs} epoch(s) on {len(data.x_train)} "
-        f"Animal-MNIST images, {config.hidden_dim}-wide ViT with "
+        f"{settings['upstream']['dataset']} images, {config.hidden_dim}-wide ViT with "
         f"{config.num_layers} blocks, {config.tokens_per_image} tokens per image."
     )
     say(settings["equal_compute"]["statement"])
@@ -88,7 +107,9 @@ def run_study(config, model_names, seeds, output_dir, stream=None):
     for model_name in model_names:
         for seed in range(seeds):
             progress.start_run(model_name, seed)
-            run = train_and_evaluate(config, model_name, seed, data, progress)
+            run = train_and_evaluate(
+                config, model_name, seed, data, progress, routing_maps=seed == 0
+            )
             progress.end_run()
             runs.append(run)
             if seed == 0 and model_name != study_config.DENSE:
@@ -103,9 +124,13 @@ def run_study(config, model_names, seeds, output_dir, stream=None):
             )
             keras.utils.clear_session()
     summary = summarize(runs)
+    comparisons = paired_comparisons(runs, config.confidence)
+    resolved = {metric: resolution(comparisons, metric) for metric in METRICS}
+    verdict = study_verdict(runs, config.confidence)
+    verdict["resolution"] = resolved
     seconds = time.perf_counter() - start
     settings["wall_seconds"] = round(seconds, 1)
-    paths = write_results(output_dir, settings, runs, summary)
+    paths = write_results(output_dir, settings, runs, summary, comparisons, verdict)
     n_maps = len(next(iter(expert_maps.values()))) if expert_maps else 0
     paths.update(
         write_plots(
@@ -114,6 +139,7 @@ def run_study(config, model_names, seeds, output_dir, stream=None):
             expert_maps,
             data.x_test[:n_maps],
             config.num_experts,
+            comparisons,
         )
     )
     say()
@@ -122,6 +148,23 @@ def run_study(config, model_names, seeds, output_dir, stream=None):
         "the test set, mean over MoE layers):"
     )
     say(format_table(summary))
+    say()
+    say(
+        f"Paired differences over the {seeds} seed(s), mean "
+        f"[{config.confidence:.0%} t interval]; * where the interval excludes 0:"
+    )
+    say(format_differences(comparisons, model_names))
+    say()
+    for metric, name in METRICS.items():
+        r = resolved[metric]
+        if r["median"] is not None:
+            say(
+                f"Smallest difference this run resolves in {name}: "
+                f"{r['median']:.3f} (interval half-width, median over the "
+                f"comparisons; {r['min']:.3f} to {r['max']:.3f})."
+            )
+    say(f"Verdict: {verdict['text']}")
+    say()
     say(settings["equal_compute"]["statement"])
     say()
     say(
@@ -132,6 +175,9 @@ def run_study(config, model_names, seeds, output_dir, stream=None):
     return {
         "settings": settings,
         "summary": summary,
+        "comparisons": comparisons,
+        "resolution": resolved,
+        "verdict": verdict,
         "runs": runs,
         "paths": paths,
         "seconds": seconds,

@@ -1,7 +1,9 @@
 """The study's pictures (matplotlib, Agg backend: no display needed).
 
 - `accuracy.png`: test accuracy and 10-shot accuracy per model, bars with
-  the std over seeds as error bars.
+  the 95% t interval of the mean over seeds as error bars.
+- `differences.png`: each router's paired difference against the dense ViT
+  and against Softmax Token Choice, with its interval as error bars.
 - `training_curves.png`: training loss per epoch per model (mean over seeds).
 - `routing.png`: for a few test images, which expert each patch goes to in
   the last MoE layer, one row per router, as in the V-MoE paper's routing
@@ -17,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+
+from keras_vmoe.study.statistics import half_width_of  # noqa: E402
 
 UNROUTED_COLOR = (0.88, 0.88, 0.88, 1.0)
 
@@ -68,7 +72,9 @@ def plot_accuracy(summary, path, shot=10):
         for model in models:
             stat = summary[model].get(metric) or {"mean": None, "std": None}
             means.append(np.nan if stat["mean"] is None else stat["mean"])
-            errors.append(0.0 if stat["std"] is None else stat["std"])
+            seeds = summary[model]["seeds"]
+            std = stat["std"]
+            errors.append(0.0 if std is None else half_width_of(std, seeds))
         x = np.arange(len(models))
         # Error bars only where there is a spread (two seeds or more).
         has_spread = any(
@@ -85,9 +91,63 @@ def plot_accuracy(summary, path, shot=10):
         ax.grid(axis="y", alpha=0.3)
     seeds = max(entry["seeds"] for entry in summary.values())
     if seeds > 1:
-        fig.suptitle(f"Routers at equal compute (mean ± std over {seeds} seeds)")
+        fig.suptitle(
+            f"Routers at equal compute (mean over {seeds} seeds, 95% t interval)"
+        )
     else:
         fig.suptitle("Routers at equal compute (one seed: no spread measured)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+DIFFERENCE_PANELS = (
+    ("test_accuracy", "test accuracy"),
+    ("fewshot_10shot", "10-shot accuracy"),
+)
+BASELINE_MARKERS = (
+    ("dense", "o", "vs dense ViT"),
+    ("softmax_token_choice", "s", "vs softmax TC"),
+)
+
+
+def plot_differences(comparisons, models, path):
+    """Paired differences against the baselines, with interval error bars.
+
+    Args:
+        comparisons: dict from `verdict.paired_comparisons`.
+        models: sequence of model names, in plot order.
+        path: str. PNG file to write.
+
+    Returns:
+        str, the path.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = np.arange(len(models))
+    for ax, (metric, title) in zip(axes, DIFFERENCE_PANELS):
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        for offset, (baseline, marker, label) in zip((-0.12, 0.12), BASELINE_MARKERS):
+            xs, means, lows, highs = [], [], [], []
+            for xi, model in zip(x, models):
+                entry = comparisons.get(model, {}).get(baseline, {}).get(metric)
+                if entry is None:
+                    continue
+                xs.append(xi + offset)
+                means.append(entry["mean"])
+                low = entry["mean"] if entry["low"] is None else entry["low"]
+                high = entry["mean"] if entry["high"] is None else entry["high"]
+                lows.append(entry["mean"] - low)
+                highs.append(high - entry["mean"])
+            if xs:
+                ax.errorbar(
+                    xs, means, yerr=[lows, highs], fmt=marker, capsize=4, label=label
+                )
+        ax.set_xticks(x, [_short(m) for m in models], rotation=30, ha="right")
+        ax.set_title(f"difference in {title}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Paired differences over seeds (95% t interval; 0 = no difference)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -164,13 +224,13 @@ def plot_routing(expert_maps, images, num_experts, path):
     cmap = ListedColormap(colors)
     size = images.shape[1]
     for j in range(n):
-        axes[0, j].imshow(images[j, ..., 0], cmap="gray", vmin=-1, vmax=1)
+        axes[0, j].imshow(images[j].mean(axis=-1), cmap="gray", vmin=-1, vmax=1)
     axes[0, 0].set_ylabel("image", rotation=0, ha="right", va="center", fontsize=9)
     for i, router in enumerate(routers, start=1):
         maps = expert_maps[router]
         for j in range(n):
             ax = axes[i, j]
-            ax.imshow(images[j, ..., 0], cmap="gray", vmin=-1, vmax=1)
+            ax.imshow(images[j].mean(axis=-1), cmap="gray", vmin=-1, vmax=1)
             ax.imshow(
                 maps[j] + 1,  # -1 (unrouted) -> colour 0 (grey)
                 cmap=cmap,
@@ -204,8 +264,11 @@ def plot_routing(expert_maps, images, num_experts, path):
     return path
 
 
-def write_plots(output_dir, summary, expert_maps, images, num_experts):
-    """Writes `accuracy.png`, `training_curves.png` and `routing.png`.
+def write_plots(
+    output_dir, summary, expert_maps, images, num_experts, comparisons=None
+):
+    """Writes `accuracy.png`, `training_curves.png`, `routing.png` and
+    `differences.png`.
 
     Args:
         output_dir: str. An existing directory.
@@ -213,9 +276,11 @@ def write_plots(output_dir, summary, expert_maps, images, num_experts):
         expert_maps: dict `{router: (N, grid, grid) int array or None}`.
         images: array `(N, H, W, 1)`. The images of the maps.
         num_experts: int.
+        comparisons: dict from `verdict.paired_comparisons` or None.
 
     Returns:
-        dict `{kind: path}` (no `"routing"` without any router maps).
+        dict `{kind: path}` (no `"routing"` without any router maps, no
+        `"differences"` without comparisons).
     """
     paths = {
         "accuracy": plot_accuracy(summary, os.path.join(output_dir, "accuracy.png")),
@@ -223,6 +288,10 @@ def write_plots(output_dir, summary, expert_maps, images, num_experts):
             summary, os.path.join(output_dir, "training_curves.png")
         ),
     }
+    if comparisons:
+        paths["differences"] = plot_differences(
+            comparisons, list(summary), os.path.join(output_dir, "differences.png")
+        )
     if any(m is not None for m in expert_maps.values()):
         paths["routing"] = plot_routing(
             expert_maps, images, num_experts, os.path.join(output_dir, "routing.png")

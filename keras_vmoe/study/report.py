@@ -1,8 +1,11 @@
-"""The study's report: mean and std over seeds, a table, JSON and CSV files.
+"""The study's report: mean and std over seeds, tables, JSON and CSV files.
 
 `results.json` holds the settings (with the equal-compute statement), the
-per-model summary and every run; `results.csv` has one row per run
-(model, seed) and `summary.csv` one row per model with means and stds.
+per-model summary, every run (per seed), the paired differences against the
+baselines with their intervals, and the verdict; `results.csv` has one row
+per run (model, seed), `summary.csv` one row per model with means and stds,
+and `differences.csv` one row per (model, baseline, metric) with the mean
+paired difference and its interval.
 """
 
 import csv
@@ -21,6 +24,9 @@ METRICS = (
     "fraction_tokens_dropped",
     "load_imbalance",
     "slots_per_group",
+    "images_per_group",
+    "tokens_per_slot",
+    "max_dispatch_weight",
     "params",
     "train_seconds",
 )
@@ -32,6 +38,14 @@ TABLE_COLUMNS = (
     ("GFLOPs/img", "gflops_per_image", "{:.5f}"),
     ("dropped", "fraction_tokens_dropped", "{:.3f}"),
     ("imbalance", "load_imbalance", "{:.2f}"),
+    ("tokens/slot", "tokens_per_slot", "{:.1f}"),
+)
+# (header, baseline, metric) of the paired-differences table.
+DIFFERENCE_COLUMNS = (
+    ("test acc - dense", "dense", "test_accuracy"),
+    ("test acc - softmax TC", "softmax_token_choice", "test_accuracy"),
+    ("10-shot - dense", "dense", "fewshot_10shot"),
+    ("10-shot - softmax TC", "softmax_token_choice", "fewshot_10shot"),
 )
 
 
@@ -127,8 +141,8 @@ def format_table(summary):
     Example:
     >>> print(format_table({"dense": {"seeds": 1,
     ...     "test_accuracy": {"mean": 0.8, "std": None}}}))  # doctest: +NORMALIZE_WHITESPACE
-    model  seeds  test acc  10-shot acc  images/s  GFLOPs/img  dropped  imbalance
-    dense      1     0.800            -         -           -        -          -
+    model  seeds  test acc  10-shot acc  images/s  GFLOPs/img  dropped  imbalance  tokens/slot
+    dense      1     0.800            -         -           -        -          -            -
     """
     header = ["model", "seeds"] + [title for title, _, _ in TABLE_COLUMNS]
     rows = [
@@ -136,6 +150,10 @@ def format_table(summary):
         + [_cell(entry.get(metric), fmt) for _, metric, fmt in TABLE_COLUMNS]
         for model, entry in summary.items()
     ]
+    return _aligned(header, rows)
+
+
+def _aligned(header, rows):
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
     def line(cells):
@@ -144,6 +162,43 @@ def format_table(summary):
         return "  ".join([first] + rest)
 
     return "\n".join([line(header)] + [line(r) for r in rows])
+
+
+def _difference_cell(entry):
+    if entry is None:
+        return "-"
+    if entry["low"] is None:
+        return f"{entry['mean']:+.3f}"
+    mark = "*" if entry["resolved"] else " "
+    return f"{entry['mean']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]{mark}"
+
+
+def format_differences(comparisons, models):
+    """The paired differences as a table: mean [interval], `*` where resolved.
+
+    Args:
+        comparisons: dict from `verdict.paired_comparisons`.
+        models: sequence of model names, in table order.
+
+    Example:
+    >>> cmp = {"soft": {"dense": {"test_accuracy": {"mean": 0.01,
+    ...     "low": -0.02, "high": 0.04, "resolved": False}}}}
+    >>> print(format_differences(cmp, ["dense", "soft"]).splitlines()[2])
+    ... # doctest: +NORMALIZE_WHITESPACE
+    soft   +0.010 [-0.020, +0.040]   -   -   -
+    """
+    header = ["model"] + [title for title, _, _ in DIFFERENCE_COLUMNS]
+    rows = []
+    for model in models:
+        by_baseline = comparisons.get(model, {})
+        rows.append(
+            [model]
+            + [
+                _difference_cell(by_baseline.get(baseline, {}).get(metric))
+                for _, baseline, metric in DIFFERENCE_COLUMNS
+            ]
+        )
+    return _aligned(header, rows)
 
 
 def _json_ready(value):
@@ -158,14 +213,16 @@ def _json_ready(value):
     return value
 
 
-def write_results(output_dir, settings, runs, summary):
-    """Writes `results.json`, `results.csv` and `summary.csv`.
+def write_results(output_dir, settings, runs, summary, comparisons=None, verdict=None):
+    """Writes `results.json`, `results.csv`, `summary.csv`, `differences.csv`.
 
     Args:
         output_dir: str. An existing directory.
         settings: dict. Study settings (JSON-serialisable).
         runs: list of run dicts (arrays such as `expert_maps` are left out).
         summary: dict from `summarize`.
+        comparisons: dict from `verdict.paired_comparisons` or None.
+        verdict: dict from `verdict.study_verdict` or None.
 
     Returns:
         dict of file kind -> path.
@@ -180,11 +237,21 @@ def write_results(output_dir, settings, runs, summary):
         "json": os.path.join(output_dir, "results.json"),
         "csv": os.path.join(output_dir, "results.csv"),
         "summary_csv": os.path.join(output_dir, "summary.csv"),
+        "differences_csv": os.path.join(output_dir, "differences.csv"),
     }
+    comparisons = comparisons or {}
     clean_runs = [{k: v for k, v in run.items() if k != "expert_maps"} for run in runs]
     with open(paths["json"], "w") as f:
         json.dump(
-            _json_ready({"settings": settings, "summary": summary, "runs": clean_runs}),
+            _json_ready(
+                {
+                    "settings": settings,
+                    "summary": summary,
+                    "comparisons": comparisons,
+                    "verdict": verdict,
+                    "runs": clean_runs,
+                }
+            ),
             f,
             indent=2,
         )
@@ -210,4 +277,15 @@ def write_results(output_dir, settings, runs, summary):
                 stat = entry.get(m) or {"mean": None, "std": None}
                 cells += ["" if stat[s] is None else stat[s] for s in ("mean", "std")]
             writer.writerow(cells)
+    fields = ("model", "baseline", "metric", "mean", "low", "high", "half_width")
+    fields += ("num_pairs", "confidence", "resolved")
+    with open(paths["differences_csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        for model, by_baseline in comparisons.items():
+            for baseline, by_metric in by_baseline.items():
+                for metric, entry in by_metric.items():
+                    cells = [model, baseline, metric]
+                    cells += [entry.get(k) for k in fields[3:]]
+                    writer.writerow(["" if c is None else c for c in cells])
     return paths

@@ -73,13 +73,16 @@ def last_routing(model, images):
     return routings[-1]
 
 
-def patch_expert_maps(routing, tokens_per_image, grid):
+def patch_expert_maps(routing, tokens_per_image, grid, class_token=True):
     """Expert id per patch of each image of a routing.
 
     Args:
         routing: `Routing` of whole images (`last_routing`).
-        tokens_per_image: int. Tokens per image, class token first.
-        grid: int. Patches per side (`grid**2 = tokens_per_image - 1`).
+        tokens_per_image: int. Tokens per image (class token first, if any).
+        grid: int. Patches per side.
+        class_token: bool. The first token of each image is a class token
+            (`tokens_per_image = grid**2 + 1`), left out of the map.
+            Defaults to `True`.
 
     Returns:
         int array `(N, grid, grid)`; `-1` marks patches that reached no
@@ -94,4 +97,6 @@ def patch_expert_maps(routing, tokens_per_image, grid):
     [[[0, -1], [-1, 1]]]
     """
     experts = expert_per_token(routing).reshape(-1, tokens_per_image)
-    return experts[:, 1:].reshape(len(experts), grid, grid)  # drop the class token
+    if class_token:
+        experts = experts[:, 1:]  # drop the class token
+    return experts.reshape(len(experts), grid, grid)

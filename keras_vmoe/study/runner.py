@@ -1,11 +1,14 @@
 """Train and evaluate one model of the study (one router, one seed).
 
-images -> VisionMoEImageClassifier -> fit() on Animal-MNIST
+images -> (random flips and shifts) -> VisionMoEImageClassifier -> fit()
        -> test accuracy and routing statistics (one compiled predict)
-       -> pre-logits features of digits -> few-shot linear accuracy
-       -> expert-per-patch maps of a few test images (eager forward)
+       -> pre-logits features of digits -> few-shot linear accuracy,
+          averaged over `fewshot_draws` draws of the shots
+       -> routing sharpness of every MoE layer on a few test images and
+          expert-per-patch maps (eager forward)
 """
 
+import contextlib
 import time
 
 import keras
@@ -20,9 +23,11 @@ from keras_vmoe.evaluation import (
 )
 from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
 from keras_vmoe.models.vision_moe.cost import backbone_flops, head_flops
+from keras_vmoe.routers import SoftRouting
 from keras_vmoe.study import config as study_config
+from keras_vmoe.study.augment import augmentation
 from keras_vmoe.study.progress import ProgressCallback, ThroughputTimer
-from keras_vmoe.study.routing_maps import last_routing, patch_expert_maps
+from keras_vmoe.study.routing_maps import patch_expert_maps
 from keras_vmoe.training.recipe import compile_with_recipe
 
 PRE_LOGITS = "pre_logits"
@@ -88,19 +93,26 @@ def _compile(model, config, total_steps):
     )
 
 
-def _train_dataset(x, y, batch_size, seed):
-    """Reshuffled every epoch, whole batches only.
+def _train_dataset(x, y, batch_size, seed, augment=None):
+    """Reshuffled every epoch, whole batches only, optionally augmented.
 
     keras-hub tasks turn NumPy inputs of `fit()` into an unshuffled
     `tf.data` pipeline (they ignore `shuffle=True`), so the study shuffles
     here. Dropping the last partial batch (a different one every epoch)
     avoids compiling a second training step for a smaller batch.
+    `augment` (a Keras layer) transforms each batch in the pipeline.
     """
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(2)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if augment is not None:
+        ds = ds.map(
+            lambda images, labels: (augment(images, training=True), labels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return ds.prefetch(2)
 
 
 def _predict(model, x, batch_size, group_size, callbacks=None):
@@ -110,30 +122,119 @@ def _predict(model, x, batch_size, group_size, callbacks=None):
     )
 
 
+def routing_sharpness(routings):
+    """How sharply a routing picks tokens, per MoE layer, for the report.
+
+    Soft MoE: per slot, the entropy `H` of its dispatch weights over the
+    group's `S` tokens; `tokens_per_slot = exp(H)` (averaged over slots and
+    groups) is how many tokens a slot effectively averages (`S` when
+    uniform, 1 when it takes a single token), `dispatch_entropy_ratio =
+    H / log(S)` (1 when uniform) and `max_dispatch_weight` the mean over
+    slots of the largest weight (`1/S` when uniform). Sparse routers:
+    `tokens_per_slot` is 1 by construction; their sharpness is in
+    `fraction_tokens_dropped` and `load_imbalance`, so they get none here.
+
+    Args:
+        routings: dict `{layer path: Routing}`.
+
+    Returns:
+        dict `{layer path: {statistic: float}}` (empty for sparse routers).
+
+    Example (one group of 2 tokens, 2 slots: uniform, and all on token 0):
+    >>> import numpy as np
+    >>> w = np.array([[[[0.5], [1.0]], [[0.5], [0.0]]]], "float32")
+    >>> s = routing_sharpness({"moe": SoftRouting(w, w)})["moe"]
+    >>> round(s["tokens_per_slot"], 4), round(s["max_dispatch_weight"], 4)
+    (1.5, 0.75)
+    """
+    from keras import ops
+
+    result = {}
+    for path, routing in routings.items():
+        if not isinstance(routing, SoftRouting):
+            continue
+        w = ops.convert_to_numpy(routing.dispatch_tensor()).astype(np.float64)
+        g, s, e, p = w.shape  # (G, S, E, P): weights over S per slot
+        w = np.moveaxis(w, 1, -1).reshape(-1, s)  # (G * E * P, S)
+        entropy = -np.sum(np.where(w > 0, w * np.log(np.maximum(w, 1e-30)), 0.0), -1)
+        result[path] = {
+            "tokens_per_slot": float(np.mean(np.exp(entropy))),
+            "dispatch_entropy_ratio": float(np.mean(entropy) / np.log(s)),
+            "max_dispatch_weight": float(np.mean(w.max(axis=-1))),
+            "tokens_per_group": int(s),
+        }
+    return result
+
+
+def capture_routings(model, images):
+    """`{layer path: Routing}` of every MoE layer on `images` (eager pass)."""
+    layers = moe_layers(model)
+    with contextlib.ExitStack() as stack:
+        captured = {
+            layer.path: stack.enter_context(layer.capture_routing()) for layer in layers
+        }
+        if layers:
+            model(images, training=False)
+    return {path: routings[-1] for path, routings in captured.items() if routings}
+
+
+def fewshot_over_draws(f_train, y_train, f_test, y_test, config, seed):
+    """Few-shot accuracy `{shot: mean over draws}` for one model and seed.
+
+    Draw `i` of seed `s` picks its shots with seed `1000 * s + i`, so two
+    models trained with the same seed are probed on the same shots.
+    """
+    totals = dict.fromkeys(config.shots, 0.0)
+    for draw in range(config.fewshot_draws):
+        result = fewshot_linear_accuracy(
+            f_train,
+            y_train,
+            f_test,
+            y_test,
+            shots=config.shots,
+            l2_regs=(config.fewshot_l2,),
+            seed=1000 * seed + draw,
+        )
+        for shot, by_l2 in result.items():
+            totals[int(shot)] += float(next(iter(by_l2.values())))
+    return {shot: total / config.fewshot_draws for shot, total in totals.items()}
+
+
 def _mean_over_layers(stats, name):
     if not stats:
         return None
     return float(np.mean([layer[name] for layer in stats.values()]))
 
 
-def train_and_evaluate(config, model_name, seed, data, progress=None):
+def train_and_evaluate(
+    config, model_name, seed, data, progress=None, routing_maps=True
+):
     """Trains one model of the study and evaluates it.
 
     Args:
         config: `StudyConfig`.
         model_name: str. `"dense"` or a router name.
-        seed: int. Seeds the weights, the data order, the router noise and
-            the few-shot sampling.
+        seed: int. Seeds the weights, the data order, the augmentation,
+            the router noise and the few-shot draws.
         data: `StudyData`.
         progress: `StudyProgress` or None. Receives the epoch ends.
+        routing_maps: bool. Record the expert-per-patch maps (an eager
+            forward pass, several seconds for a sparse router on a CPU).
+            Soft MoE runs the pass anyway, for its dispatch sharpness.
+            Defaults to `True`.
 
     Returns:
         dict: `model`, `seed`, `test_accuracy`, `fewshot` (`{shot: acc}`),
         `images_per_second`, `gflops_per_image`, `params`,
         `fraction_tokens_dropped` and `load_imbalance` (mean over MoE layers
         on the test set; `None` for the dense model), `slots_per_group`
-        (`E * C` of the last MoE layer's routing at evaluation; `None` for
-        the dense model), `routing_statistics` (per layer), `history` (`loss`, `accuracy` per epoch),
+        (`E * C` of the last MoE layer's routing at evaluation, or the
+        plan's without a routing pass; `None` for the dense model),
+        `images_per_group` (of the routing),
+        `tokens_per_slot` and `max_dispatch_weight` (Soft MoE's routing
+        sharpness, mean over MoE layers; `None` for the others),
+        `routing_statistics` and `routing_sharpness` (per layer), `history`
+        (`loss`, `accuracy` per epoch),
         `train_seconds`, `seconds`, and `expert_maps` (int array
         `(N, grid, grid)` or `None`; not JSON).
 
@@ -157,8 +258,11 @@ def train_and_evaluate(config, model_name, seed, data, progress=None):
     _compile(model, config, total_steps=steps_per_epoch * config.epochs)
     timer = ThroughputTimer(used, steps_per_epoch)
     callbacks = [timer] + ([ProgressCallback(progress)] if progress else [])
+    augment = None
+    if config.augment:
+        augment = augmentation(config.image_size, config.max_shift, seed)
     history = model.fit(
-        _train_dataset(data.x_train, data.y_train, config.batch_size, seed),
+        _train_dataset(data.x_train, data.y_train, config.batch_size, seed, augment),
         epochs=config.epochs,
         shuffle=False,  # the dataset reshuffles itself
         verbose=0,
@@ -181,23 +285,36 @@ def train_and_evaluate(config, model_name, seed, data, progress=None):
     fs = data.fewshot
     _, f_train = _predict(evaluator, fs["x_train"], config.eval_batch_size, group)
     _, f_test = _predict(evaluator, fs["x_test"], config.eval_batch_size, group)
-    fewshot = fewshot_linear_accuracy(
-        f_train,
-        fs["y_train"],
-        f_test,
-        fs["y_test"],
-        shots=config.shots,
-        l2_regs=(config.fewshot_l2,),
-        seed=seed,
+    fewshot = fewshot_over_draws(
+        f_train, fs["y_train"], f_test, fs["y_test"], config, seed
     )
-    n_maps = -(-config.routing_images // config.group_size) * config.group_size
+    # One eager pass records every MoE layer's routing: of the map images
+    # (their expert per patch), and for Soft MoE of `diagnostic_images`
+    # (how sharp its dispatch is; sparse routers report dropped tokens and
+    # load instead, from the compiled test pass).
+    n_maps = -(-config.routing_images // group) * group if routing_maps else 0
+    n_pass = n_maps
+    if model_name == study_config.SOFT:
+        n_pass = max(n_maps, -(-config.diagnostic_images // group) * group)
+    routings = {}
+    if n_pass:
+        images = pad_to_groups(data.x_test[:n_pass], group)
+        routings = capture_routings(model, images)
+    sharpness = routing_sharpness(routings)
     map_images = data.x_test[:n_maps]  # whole groups (padded if the set is short)
-    routing = last_routing(model, pad_to_groups(map_images, config.group_size))
     maps = slots = None
-    if routing is not None:
+    if model_name != study_config.DENSE:
+        plan = study_config.equal_compute(config)
+        per_expert = plan["router_configs"][model_name].get("num_slots")
+        per_expert = per_expert or plan["slots_per_expert"]
+        slots = config.num_experts * per_expert  # the plan's E * C
+    if routings:
+        routing = list(routings.values())[-1]  # the last MoE layer
         grid = config.image_size // config.patch_size
-        maps = patch_expert_maps(routing, config.tokens_per_image, grid)
-        maps = maps[: len(map_images)]
+        maps = patch_expert_maps(
+            routing, config.tokens_per_image, grid, config.use_class_token
+        )
+        maps = maps[: len(map_images)] if routing_maps else None
         slots = routing.num_experts * routing.capacity  # E * C actually run
     bb_config = study_config.backbone_config(config, model_name)
     flops = backbone_flops(bb_config) + head_flops(
@@ -207,14 +324,18 @@ def train_and_evaluate(config, model_name, seed, data, progress=None):
         "model": model_name,
         "seed": int(seed),
         "test_accuracy": test_accuracy,
-        "fewshot": {int(s): float(next(iter(a.values()))) for s, a in fewshot.items()},
+        "fewshot": fewshot,
         "images_per_second": timer.images_per_second(),
         "gflops_per_image": flops / 1e9,
         "params": int(model.count_params()),
         "fraction_tokens_dropped": _mean_over_layers(stats, "fraction_tokens_dropped"),
         "load_imbalance": _mean_over_layers(stats, "load_imbalance"),
         "slots_per_group": slots,
+        "images_per_group": group,
+        "tokens_per_slot": _mean_over_layers(sharpness, "tokens_per_slot"),
+        "max_dispatch_weight": _mean_over_layers(sharpness, "max_dispatch_weight"),
         "routing_statistics": stats,
+        "routing_sharpness": sharpness,
         "history": {
             key: [float(v) for v in history.history[key]]
             for key in ("loss", "accuracy")

@@ -281,8 +281,8 @@ def test_new_router_in_the_study(new_router, tmp_path):
     assert NEW in study_config.model_names()
     assert NEW in parse_models("all")
     plan = study_config.equal_compute(QUICK)
-    # QUICK: S = 2 * 17 = 34, E = 4, K = 2: C = ceil(34 * 2 / 4) = 17.
-    assert plan["router_configs"][NEW] == {"capacity": 17, "capacity_multiple_of": 1}
+    # QUICK: S = 2 * 16 = 32, E = 4, K = 2: C = ceil(32 * 2 / 4) = 16.
+    assert plan["router_configs"][NEW] == {"capacity": 16, "capacity_multiple_of": 1}
     backbone_kwargs = study_config.backbone_config(QUICK, NEW)
     assert backbone_kwargs["router"] == NEW
 
@@ -300,4 +300,4 @@ def test_new_router_in_the_study(new_router, tmp_path):
     )
     result = train_and_evaluate(config, NEW, seed=0, data=load_study_data(config))
     assert 0.0 <= result["test_accuracy"] <= 1.0
-    assert result["slots_per_group"] == 4 * 17
+    assert result["slots_per_group"] == 4 * 16
