@@ -50,6 +50,14 @@ class Top1Accuracy(keras.metrics.MeanMetricWrapper):
         return {"name": self.name, "dtype": self.dtype}
 
 
+def _layer_policy(layer):
+    """The layer's own dtype policy (its entry when it has a policy map)."""
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return policy[layer.path]
+    return policy
+
+
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 @atomic_preset_save
 class VisionMoEImageClassifier(ImageClassifier):
@@ -150,6 +158,8 @@ class VisionMoEImageClassifier(ImageClassifier):
         if bias is None:
             bias = -math.log(num_classes) if resolved_loss == "sigmoid" else 0.0
         # The argument as given, for get_config (a policy serialized to JSON).
+        if isinstance(head_dtype, dict):  # a serialized policy (map)
+            head_dtype = keras.dtype_policies.get(head_dtype)
         head_dtype_config = head_dtype
         if isinstance(head_dtype, keras.DTypePolicy):
             head_dtype_config = keras.dtype_policies.serialize(head_dtype)
@@ -212,10 +222,33 @@ class VisionMoEImageClassifier(ImageClassifier):
                 "loss_type": self.loss_type,
                 "head_bias_init": self.head_bias_init,
                 "dropout": self.dropout,
-                "head_dtype": self._head_dtype_config,
+                "head_dtype": self._head_dtype_for_config(),
             }
         )
         return config
+
+    def _head_dtype_for_config(self):
+        """`head_dtype` as given, or a policy map naming the quantized heads.
+
+        After `quantize("int8")` the pre-logits and head layers hold int8
+        kernels; a `DTypePolicyMap` with their quantized policies (by path)
+        makes `from_config` build them quantized, so the weights load (the
+        backbone records its own quantized layers the same way).
+        """
+        quantized = {
+            layer.path: _layer_policy(layer)
+            for layer in (self.pre_logits, self.head)
+            if layer.quantization_mode is not None
+        }
+        if not quantized:
+            return self._head_dtype_config
+        default = self.head_dtype
+        if isinstance(default, keras.dtype_policies.DTypePolicyMap):
+            default = default.default_policy
+        policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=default)
+        for path, policy in quantized.items():
+            policy_map[path] = policy
+        return keras.dtype_policies.serialize(policy_map)
 
     def compile(self, optimizer="auto", loss="auto", *, metrics="auto", **kwargs):
         """Configures training; `"auto"` picks working defaults.
