@@ -50,6 +50,21 @@ class Top1Accuracy(keras.metrics.MeanMetricWrapper):
         return {"name": self.name, "dtype": self.dtype}
 
 
+def _check_dtype_is_the_backbones(dtype, backbone):
+    """A ValueError unless `dtype` is None or the backbone's policy."""
+    if dtype is None or not isinstance(backbone, keras.Model):
+        return
+    policy = keras.dtype_policies.get(dtype)
+    serialize = keras.dtype_policies.serialize
+    if serialize(policy) != serialize(backbone.dtype_policy):
+        raise ValueError(
+            f"`dtype={policy.name!r}` differs from the backbone's dtype policy "
+            f"{backbone.dtype_policy.name!r}; the classifier computes in its "
+            "backbone's policy. Build the backbone with that `dtype` (or "
+            "`from_preset(..., dtype=...)`), and give `head_dtype` for the head."
+        )
+
+
 def _layer_policy(layer):
     """The layer's own dtype policy (its entry when it has a policy map)."""
     policy = layer.dtype_policy
@@ -93,6 +108,9 @@ class VisionMoEImageClassifier(ImageClassifier):
         head_dtype: `None`, str or `keras.DTypePolicy`. Dtype of the head.
             Defaults to the backbone's.
         **kwargs: `keras_hub.models.Task` arguments (`name`, `compile`).
+            A `dtype` must be the backbone's own policy: the classifier
+            computes in the backbone's policy (build the backbone with
+            `dtype=`, or `from_preset(..., dtype=...)`).
 
     Example:
     >>> import numpy as np
@@ -124,6 +142,7 @@ class VisionMoEImageClassifier(ImageClassifier):
         **kwargs,
     ):
         kwargs.setdefault("name", "vision_moe_image_classifier")
+        _check_dtype_is_the_backbones(kwargs.pop("dtype", None), backbone)
         if not isinstance(backbone, VisionMoEBackbone):
             raise ValueError(
                 f"`backbone` must be a VisionMoEBackbone, got {backbone!r}."

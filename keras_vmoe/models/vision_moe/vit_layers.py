@@ -356,6 +356,9 @@ class MlpBlock(keras.layers.Layer):
         x = self.dropout(self.dense_1(x), training=training)
         return self.dropout(self.dense_2(x), training=training)
 
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
     def get_config(self):
         config = super().get_config()
         config.update(
