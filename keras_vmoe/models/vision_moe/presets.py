@@ -190,6 +190,9 @@ def preset_files(name, description, backbone_kwargs, classifier_kwargs):
         **VisionMoEBackbone.arguments_from_config(backbone_kwargs),
     }
     backbone_config["image_shape"] = list(backbone_config["image_shape"])
+    # As `get_config()` writes it: resolved, not Keras' global setting.
+    if backbone_config["data_format"] is None:
+        backbone_config["data_format"] = "channels_last"
     classifier_config = {
         "name": "vision_moe_image_classifier",
         "backbone": _serialize(VisionMoEBackbone, backbone_config),
