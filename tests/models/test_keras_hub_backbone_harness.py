@@ -21,12 +21,13 @@ test_shapes_and_data_format.py.
 """
 
 import numpy as np
-from keras_hub.src.tests.test_case import TestCase
+from keras_hub.src.tests import test_case
 
 from keras_vmoe.models import VisionMoEBackbone
 
 
-class VisionMoEBackboneHarnessTest(TestCase):
+# Imported as a module: pytest would collect a `TestCase` name in this module.
+class VisionMoEBackboneHarnessTest(test_case.TestCase):
     def setUp(self):
         # 8x8 images, 4x4 patches: 4 patches + the class token = 5 tokens;
         # block 1 is an MoE of 4 experts routing groups of 2 images.
