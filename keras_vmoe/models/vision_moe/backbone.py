@@ -55,10 +55,10 @@ class VisionMoEBackbone(Backbone):
     them without building the model.
 
     Dtype policies: `dtype` reaches every sublayer, the routers and
-    experts of the MoE layers included; a `keras.dtype_policies.
-    DTypePolicyMap` gives each its policy by path (e.g. `"int8_from_float32"`
-    for `"encoder_block_1/moe/experts"`: keras-hub's route to a quantized
-    model). Routers compute their routing in float32 under any policy
+    experts of the MoE layers included; a
+    `keras.dtype_policies.DTypePolicyMap` gives each its policy by path
+    (e.g. `"int8_from_float32"` for `"encoder_block_1/moe/experts"`:
+    keras-hub's route to a quantized model). Routers compute their routing in float32 under any policy
     (`keras_vmoe.routers.Router`). `backbone.quantize("int8")` quantizes
     the attention and MLP kernels and the expert kernels
     (`keras_vmoe.layers.MlpExperts`).
@@ -123,8 +123,9 @@ class VisionMoEBackbone(Backbone):
             `(B, H, W, C)`) or `"channels_first"` (`(B, C, H, W)`), as
             keras-hub's vision backbones; the weights are the same for both.
             Defaults to `None` (`keras.config.image_data_format()`).
-        dtype: str, `keras.DTypePolicy` or `keras.dtype_policies.
-            DTypePolicyMap`. Defaults to `None` (global policy).
+        dtype: str, `keras.DTypePolicy` or
+            `keras.dtype_policies.DTypePolicyMap`. Defaults to `None` (the
+            global policy).
         **kwargs: `keras_hub.models.Backbone` arguments (`name`, ...).
 
     Example:
