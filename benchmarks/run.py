@@ -12,6 +12,7 @@ from benchmarks import (
     convert,
     dispatch_scaling,
     moe_layer,
+    quantization,
     routing_step,
     targets,
     upcycling,
@@ -60,6 +61,7 @@ def main(path=OUTPUT):
     ]
     e2e = end_to_end_all_backends()
     convert_rows = convert.run()
+    quantization_rows = quantization.run()
     target_rows = targets.evaluate(layer_rows, routing_rows, scaling_rows, e2e)
     with open(path, "w") as f:
         f.write("# keras_vmoe benchmarks\n\n")
@@ -85,6 +87,8 @@ def main(path=OUTPUT):
         f.write(f"\n## Checkpoint conversion (JAX)\n\n{convert.__doc__.strip()}\n\n")
         f.write(markdown_table(convert_rows, convert.COLUMNS) + "\n")
         f.write(f"\n{convert.summary(convert_rows)}\n")
+        f.write(f"\n## int8 quantization\n\n{quantization.__doc__.strip()}\n\n")
+        f.write(markdown_table(quantization_rows, quantization.COLUMNS) + "\n")
         f.write(f"\n## Against the targets\n\n{targets.__doc__.strip()}\n\n")
         f.write(markdown_table(target_rows, targets.COLUMNS) + "\n")
         if os.path.isfile(upcycling.RESULTS_PATH):  # saved by its own, longer run

@@ -70,7 +70,8 @@ class MoE(keras.layers.Layer):
 
     The router's auxiliary loss (mean over groups) is added with `add_loss`.
     The routing statistics of the latest training call are kept in
-    non-trainable variables named after `STATISTICS` (read them with
+    non-trainable variables (of the policy's variable dtype) named after
+    `STATISTICS` (read them with
     `routing_statistics()`, or log them with
     `keras_vmoe.callbacks.RoutingStatistics` during `fit`);
     `track_statistics` says which calls update them.
@@ -112,7 +113,10 @@ class MoE(keras.layers.Layer):
             unrounded tokens. Needed to reproduce the logits of models
             trained that way. No effect when the tokens are already
             bfloat16. Defaults to `False`.
-        **kwargs: base layer arguments.
+        **kwargs: base layer arguments. A `dtype` policy given here should
+            be given to `router` and `experts` too (as `VisionMoEBackbone`
+            does); the router computes its routing in float32 whatever its
+            policy.
 
     Example:
     >>> import numpy as np
@@ -341,7 +345,6 @@ class MoE(keras.layers.Layer):
                     shape=(),
                     initializer="zeros",
                     trainable=False,
-                    dtype="float32",
                 ),
             )
 
@@ -376,7 +379,8 @@ class MoE(keras.layers.Layer):
         if self._updates_statistics(training):
             stats = _combine_statistics(parts, self.experts.num_experts)
             for name in STATISTICS:
-                getattr(self, name).assign(ops.cast(stats[name], "float32"))
+                variable = getattr(self, name)
+                variable.assign(ops.cast(stats[name], variable.dtype))
         return ops.reshape(ops.cast(outputs, x.dtype), ops.shape(x))
 
     def _call_on_known_groups(self, flat, training):

@@ -113,8 +113,18 @@ class PresetRecipe:
 class Router(keras.layers.Layer):
     """Base class of every router layer: the router contract.
 
-    Routers always compute in float32: unless a `dtype` is given, the layer
-    uses the float32 policy even when the model runs in bfloat16 or float16.
+    Dtype policies: a router takes the dtype policy of its model like any
+    layer (`VisionMoEBackbone(dtype="mixed_bfloat16")` gives its routers
+    that policy, and their weights are stored in its variable dtype), but
+    computes its gates, transport plans and allocations in float32 whatever
+    the policy: the tokens are cast to float32 (not rounded to the compute
+    dtype first: routers do not autocast their inputs) and so are the
+    weights. Top-k choices and capacity cut-offs compare gate values, and
+    Sinkhorn iterations exponentiate and normalise them; in bfloat16 (8 bits
+    of mantissa) near-ties would be broken by rounding and the iterations
+    lose balance. The routing's dispatch and combine weights are float32;
+    the MoE layer casts them to the tokens' dtype when it uses them.
+
     A subclass implements `call` (returning an instance of its
     `routing_class`) and the methods below that raise `NotImplementedError`,
     and registers itself with `@register_router("name")`.
@@ -134,9 +144,19 @@ class Router(keras.layers.Layer):
     weight_names = ()
 
     def __init__(self, num_experts, **kwargs):
-        kwargs.setdefault("dtype", "float32")
+        # Inputs keep their dtype; `check_groups` casts them to float32.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.num_experts = check_positive_int("num_experts", num_experts)
+
+    def add_weight(self, *args, **kwargs):
+        """`Layer.add_weight`, read in the variable dtype (no autocast).
+
+        Under a mixed policy the weights stay float32 when the router reads
+        them, instead of being rounded to the compute dtype first.
+        """
+        kwargs.setdefault("autocast", False)
+        return super().add_weight(*args, **kwargs)
 
     def slots_per_expert(self, group_tokens, training=True):
         """Slots per expert `C` for groups of `group_tokens` tokens.

@@ -32,6 +32,10 @@ class SinkhornExpertChoiceRouter(DenseGatingRouter):
 
     Paper: https://arxiv.org/abs/2401.15969.
 
+    The gating logits, the Sinkhorn plan, each expert's top-C choice and
+    the combine weights are computed in float32 whatever the dtype policy
+    (see `Router`).
+
     Args:
         num_experts: int. Number of experts `E`.
         capacity_factor: float. Defaults to 2.0 (the compute of Token Choice

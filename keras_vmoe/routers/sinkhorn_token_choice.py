@@ -35,6 +35,10 @@ class SinkhornTokenChoiceRouter(TokenChoiceRouter):
     Paper: https://arxiv.org/abs/2401.15969 (Sinkhorn: Cuturi 2013,
     https://arxiv.org/abs/1306.0895).
 
+    The gating logits, the Sinkhorn plan, the top-K choices and the
+    combine weights are computed in float32 whatever the dtype policy (see
+    `Router`).
+
     Args:
         num_experts: int. Number of experts `E`.
         num_selected_experts: int. `K`, experts per token. Defaults to 2.

@@ -25,6 +25,10 @@ class SoftRouter(Router):
     dropped and there is no auxiliary loss. Experts see the un-normalised
     tokens.
 
+    The logits and both softmaxes are computed in float32 whatever the
+    dtype policy (see `Router`); the dispatch and combine einsums then run
+    in the tokens' dtype.
+
     Args:
         num_experts: int. Number of experts `E`.
         num_slots: int. Slots per expert `P`. Defaults to 1 unless
@@ -32,7 +36,7 @@ class SoftRouter(Router):
         capacity_factor: float. Instead of `num_slots`:
             `P = round(S * capacity_factor / E)` for groups of `S` tokens.
             Defaults to `None`.
-        **kwargs: base layer arguments (`name`, `dtype`; float32 by default).
+        **kwargs: base layer arguments (`name`, `dtype`).
 
     Example:
     >>> import numpy as np
@@ -122,7 +126,9 @@ class SoftRouter(Router):
         e, p = self.num_experts, ops.shape(self.slot_embeddings)[-1]
         x_n = l2_normalize(x, axis=-1)  # (G, S, d)
         phi_n = l2_normalize(ops.cast(self.slot_embeddings, "float32"), axis=0)
-        logits = self.scale * ops.einsum("gsd,dep->gsep", x_n, phi_n)  # (G, S, E, P)
+        logits = ops.cast(self.scale, "float32") * ops.einsum(
+            "gsd,dep->gsep", x_n, phi_n
+        )  # (G, S, E, P)
         dispatch = ops.softmax(logits, axis=1)  # over tokens, per slot
         combine = ops.softmax(ops.reshape(logits, (num_groups, s, e * p)), axis=-1)
         combine = ops.reshape(combine, (num_groups, s, e, p))  # over slots, per token

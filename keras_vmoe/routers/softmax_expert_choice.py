@@ -24,6 +24,9 @@ class SoftmaxExpertChoiceRouter(DenseGatingRouter):
     Capacity counts `S` tokens: `C = ceil(S * factor / E)`, so factor `K`
     costs the same as Token Choice with `K` experts per token at factor 1.
 
+    The gating logits, the softmax gates and each expert's top-C
+    choice are computed in float32 whatever the dtype policy (see `Router`).
+
     Args:
         num_experts: int. Number of experts `E`.
         capacity_factor: float. Defaults to 2.0 (the compute of Token Choice

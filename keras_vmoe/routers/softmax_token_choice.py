@@ -23,6 +23,10 @@ class SoftmaxTokenChoiceRouter(TokenChoiceRouter):
 
     Capacity counts `S * K` token choices: `C = ceil(S * K * factor / E)`.
 
+    The gating logits, the softmax gates, the top-K choices and the
+    capacity cut-offs are computed in float32 whatever the dtype policy
+    (see `Router`).
+
     Args:
         num_experts: int. Number of experts `E`.
         num_selected_experts: int. `K`, experts per token. Defaults to 2.

@@ -41,6 +41,10 @@ class SparsityConstrainedExpertChoiceRouter(DenseGatingRouter):
 
     Paper: https://arxiv.org/abs/2401.15969.
 
+    The gating logits, the similarity, the sparse transport plan (its
+    semi-dual solve) and each expert's top-C choice are computed in float32
+    whatever the dtype policy (see `Router`).
+
     Args:
         num_experts: int. Number of experts `E`.
         capacity_factor: float. Defaults to 2.0 (the compute of Token Choice

@@ -159,9 +159,14 @@ def test_mixed_precision_outputs_follow_compute_dtype(policy, tolerance):
     half = policy.split("_")[1]
     keras.config.set_dtype_policy(policy)
     moe = make_moe("softmax_token_choice")
-    y = moe(ops.cast(X, half))
+    with moe.capture_routing() as routings:
+        y = moe(ops.cast(X, half))
     assert keras.backend.standardize_dtype(y.dtype) == half
-    assert moe.router.compute_dtype == "float32"
+    # The policy reaches the router (float32 weights under a mixed policy),
+    # which still routes in float32.
+    assert moe.router.compute_dtype == half
+    assert moe.router.gating_kernel.dtype == "float32"
+    assert keras.backend.standardize_dtype(routings[-1].slot_weight.dtype) == "float32"
     assert keras.backend.standardize_dtype(moe.experts.compute_dtype) == half
     # Same layer in float32 on the same (rounded) inputs: the router sees the
     # same float32 values and routes identically, so the outputs differ only

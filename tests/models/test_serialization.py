@@ -33,6 +33,9 @@ BACKBONE_ARGS = dict(
     attention_qk_norm=True,
     mlp_activation="gelu_approximate",
     bfloat16_dispatch=True,
+    # Not the default None (Keras' global setting); channels_first round
+    # trips in test_shapes_and_data_format.py.
+    data_format="channels_last",
 )
 CLASSIFIER_ARGS = dict(
     num_classes=3,

@@ -225,22 +225,28 @@ def test_routers_compute_in_float32_under_mixed_precision(policy):
         SoftmaxTokenChoiceRouter(4, num_selected_experts=2, capacity_factor=1.0),
         SoftmaxExpertChoiceRouter(4, capacity_factor=1.0),
     ]:
-        assert router.compute_dtype == "float32"
+        # The policy reaches the router (float32 weights under a mixed
+        # policy), which still routes in float32.
+        assert router.compute_dtype == half
         router = built(router)
         assert keras.backend.standardize_dtype(router.gating_kernel.dtype) == "float32"
-        routing = router(x, training=False)
-        combine = routing.combine_tensor()
-        assert keras.backend.standardize_dtype(combine.dtype) == "float32"
-        # The same numbers as float32 routing of the rounded inputs: the gates
-        # are float32 softmaxes, not rounded to the half type.
-        gates = ref.softmax(ops.convert_to_numpy(ops.cast(x, "float32")) @ KERNEL)
-        if isinstance(router, SoftmaxTokenChoiceRouter):
-            expected = ref.token_choice(gates, 2, 8)  # C = 12*2*1.0/4 = 6 -> 8
-        else:
-            expected = ref.expert_choice(gates, 4)  # C = 12*1.0/4 = 3 -> 4
-        np.testing.assert_allclose(np_(combine), expected, atol=1e-5)
+        # Half-precision tokens, and float32 tokens, which the router does
+        # not round to the compute dtype (no autocast).
+        for inputs in (x, X):
+            routing = router(inputs, training=False)
+            combine = routing.combine_tensor()
+            assert keras.backend.standardize_dtype(combine.dtype) == "float32"
+            # The same numbers as float32 routing of the inputs: the gates
+            # are float32 softmaxes, not rounded to the half type.
+            tokens = ops.convert_to_numpy(ops.cast(inputs, "float32"))
+            gates = ref.softmax(tokens @ KERNEL)
+            if isinstance(router, SoftmaxTokenChoiceRouter):
+                expected = ref.token_choice(gates, 2, 8)  # C = 12*2*1.0/4 = 6 -> 8
+            else:
+                expected = ref.expert_choice(gates, 4)  # C = 12*1.0/4 = 3 -> 4
+            np.testing.assert_allclose(np_(combine), expected, atol=1e-5)
     soft = SoftRouter(4)
-    assert soft.compute_dtype == "float32"
+    assert soft.compute_dtype == half
     combine = soft(x).combine_tensor()
     assert keras.backend.standardize_dtype(combine.dtype) == "float32"
 

@@ -5,6 +5,7 @@ import functools
 import inspect
 
 import keras
+from keras import tree
 from keras_hub.models import Backbone
 
 from keras_vmoe.models import preset_loader
@@ -55,10 +56,20 @@ class VisionMoEBackbone(Backbone):
     `VisionMoELayout`; `VisionMoEBackbone.layout_from_config(config)` gives
     them without building the model.
 
+    Dtype policies: `dtype` reaches every sublayer, the routers and
+    experts of the MoE layers included; a
+    `keras.dtype_policies.DTypePolicyMap` gives each its policy by path
+    (e.g. `"int8_from_float32"` for `"encoder_block_1/moe/experts"`:
+    keras-hub's route to a quantized model). Routers compute their routing in float32 under any policy
+    (`keras_vmoe.routers.Router`). `backbone.quantize("int8")` quantizes
+    the attention and MLP kernels and the expert kernels
+    (`keras_vmoe.layers.MlpExperts`).
+
     Args:
-        image_shape: tuple of 3 ints. `(height, width, channels)`; height and
-            width must be multiples of the patch size. Defaults to
-            `(224, 224, 3)`.
+        image_shape: tuple of 3 ints. `(height, width, channels)`, or
+            `(channels, height, width)` with `data_format="channels_first"`;
+            height and width must be multiples of the patch size. Defaults
+            to `(224, 224, 3)`.
         patch_size: int or (int, int). Patch size. Defaults to `16`.
         num_layers: int. Number of encoder blocks. Defaults to `12`.
         num_heads: int. Attention heads. Defaults to `12`.
@@ -110,7 +121,13 @@ class VisionMoEBackbone(Backbone):
             experts and the experts' outputs to bfloat16, as vmoe's
             `Bfloat16Dispatcher` (see `keras_vmoe.layers.MoE`). Defaults to
             `False`.
-        dtype: str or `keras.DTypePolicy`. Defaults to `None` (global policy).
+        data_format: str or None. `"channels_last"` (images
+            `(B, H, W, C)`) or `"channels_first"` (`(B, C, H, W)`), as
+            keras-hub's vision backbones; the weights are the same for both.
+            Defaults to `None` (`keras.config.image_data_format()`).
+        dtype: str, `keras.DTypePolicy` or
+            `keras.dtype_policies.DTypePolicyMap`. Defaults to `None` (the
+            global policy).
         **kwargs: `keras_hub.models.Backbone` arguments (`name`, ...).
 
     Example:
@@ -148,6 +165,7 @@ class VisionMoEBackbone(Backbone):
         attention_qk_norm=False,
         mlp_activation="gelu",
         bfloat16_dispatch=False,
+        data_format=None,
         dtype=None,
         **kwargs,
     ):
@@ -177,16 +195,26 @@ class VisionMoEBackbone(Backbone):
             attention_qk_norm=attention_qk_norm,
             mlp_activation=mlp_activation,
             bfloat16_dispatch=bfloat16_dispatch,
+            data_format=vit_layers.standardize_data_format(data_format),
         )
         layout = check_backbone_arguments(arguments)
-        arguments["image_shape"] = image_shape = layout.image_shape
+        if arguments["data_format"] == "channels_first":
+            height, width, channels = layout.image_shape
+            image_shape = (channels, height, width)
+        else:
+            image_shape = layout.image_shape
+        arguments["image_shape"] = image_shape
         if router_config is not None:
             arguments["router_config"] = dict(router_config)
 
         # === Functional model ===
         images = keras.layers.Input(shape=image_shape, name="images")
         x = vit_layers.PatchEmbedding(
-            hidden_dim, patch_size, dtype=dtype, name="patch_embedding"
+            hidden_dim,
+            patch_size,
+            data_format=arguments["data_format"],
+            dtype=dtype,
+            name="patch_embedding",
         )(images)
         if use_class_token:
             x = vit_layers.ClassToken(dtype=dtype, name="class_token")(x)
@@ -250,6 +278,13 @@ class VisionMoEBackbone(Backbone):
         config = super().get_config()
         config.update({name: getattr(self, name) for name in _argument_defaults()})
         return config
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
+        # Keras hands concrete arrays (NumPy) to each layer's
+        # `compute_output_spec` without their shapes; describe them as
+        # symbolic tensors first, so that every layer gets its input shape.
+        inputs = tree.map_structure(_as_symbolic, inputs)
+        return super().compute_output_spec(inputs, training=training, mask=mask)
 
     @classmethod
     def arguments_from_config(cls, config):
@@ -375,6 +410,14 @@ class VisionMoEBackbone(Backbone):
             expert_axis=expert_axis,
             model_axis=model_axis,
         )
+
+
+def _as_symbolic(x):
+    """`x` as a `keras.KerasTensor` of its shape and dtype."""
+    if isinstance(x, keras.KerasTensor) or not hasattr(x, "shape"):
+        return x
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    return keras.KerasTensor(tuple(x.shape), dtype=dtype)
 
 
 @functools.cache

@@ -122,7 +122,9 @@ gives the layout of a config without building the model; a built backbone
 holds it as `backbone.layout`.
 
 Fields:
-    image_shape: tuple of 3 ints. `(height, width, channels)`.
+    image_shape: tuple of 3 ints. `(height, width, channels)`, whatever the
+        backbone's `data_format` (its `image_shape` argument is in that
+        format's order).
     patch_size: (int, int). Patch height and width.
     patch_grid: (int, int). Patches per column and per row.
     num_patches: int. Patches per image.
@@ -163,7 +165,8 @@ def check_backbone_arguments(arguments):
     ((1, 3), 17, 34)
     """
     a = arguments
-    image_shape = _check_image_shape(a["image_shape"])
+    data_format = vit_layers.standardize_data_format(a.get("data_format"))
+    image_shape = _check_image_shape(a["image_shape"], data_format)
     ph, pw = vit_layers._pair(a["patch_size"], "patch_size")
     if image_shape[0] % ph or image_shape[1] % pw:
         raise ValueError(
@@ -306,7 +309,11 @@ def _check_activation(activation):
         ) from None
 
 
-def _check_image_shape(image_shape):
+def _check_image_shape(image_shape, data_format="channels_last"):
+    """`image_shape` as `(height, width, channels)` ints, whatever the format."""
+    order = "(channels, height, width)"
+    if data_format == "channels_last":
+        order = "(height, width, channels)"
     try:
         shape = tuple(image_shape)
         valid = len(shape) == 3 and all(
@@ -316,10 +323,13 @@ def _check_image_shape(image_shape):
         valid = False
     if not valid:
         raise ValueError(
-            "`image_shape` must be (height, width, channels) of positive ints, "
-            f"got {image_shape!r}."
+            f"`image_shape` must be {order} of positive ints with "
+            f"data_format={data_format!r}, got {image_shape!r}."
         )
-    return tuple(int(s) for s in shape)
+    shape = tuple(int(s) for s in shape)
+    if data_format == "channels_first":
+        return (shape[1], shape[2], shape[0])
+    return shape
 
 
 def _check_router_config(router, router_config):
@@ -332,7 +342,9 @@ def _check_router_config(router, router_config):
         )
     from keras_vmoe.routers.registry import check_router_arguments
 
-    check_router_arguments(router, router_config, reserved=("num_experts", "name"))
+    check_router_arguments(
+        router, router_config, reserved=("num_experts", "name", "dtype")
+    )
 
 
 def _check_router_name(router):

@@ -41,7 +41,7 @@ def make_moe(
         activation: str. The experts' activation (`"gelu"` or
             `"gelu_approximate"`, see `MlpExperts`). Defaults to `"gelu"`.
         bfloat16_dispatch: bool. See `MoE`. Defaults to `False`.
-        dtype: dtype policy for the MoE layer.
+        dtype: dtype policy of the MoE layer and its router and experts.
         name: str. Layer name. Defaults to `"moe"`.
 
     Returns:
@@ -52,8 +52,9 @@ def make_moe(
 
     router_kwargs = dict(router_config or {})
     router_kwargs["num_experts"] = num_experts
-    # Routers compute in float32 by default; do not pass the model's policy.
-    router_layer = get_class(router)(name="router", **router_kwargs)
+    # The router takes the model's policy (its weights in the variable
+    # dtype) and computes its routing in float32 whatever it is (`Router`).
+    router_layer = get_class(router)(name="router", dtype=dtype, **router_kwargs)
     experts = vmoe_layers.MlpExperts(
         num_experts=num_experts,
         hidden_dim=expert_hidden_dim,

@@ -53,6 +53,29 @@ class Top1Accuracy(keras.metrics.MeanMetricWrapper):
         return {"name": self.name, "dtype": self.dtype}
 
 
+def _check_dtype_is_the_backbones(dtype, backbone):
+    """A ValueError unless `dtype` is None or the backbone's policy."""
+    if dtype is None or not isinstance(backbone, keras.Model):
+        return
+    policy = keras.dtype_policies.get(dtype)
+    serialize = keras.dtype_policies.serialize
+    if serialize(policy) != serialize(backbone.dtype_policy):
+        raise ValueError(
+            f"`dtype={policy.name!r}` differs from the backbone's dtype policy "
+            f"{backbone.dtype_policy.name!r}; the classifier computes in its "
+            "backbone's policy. Build the backbone with that `dtype` (or "
+            "`from_preset(..., dtype=...)`), and give `head_dtype` for the head."
+        )
+
+
+def _layer_policy(layer):
+    """The layer's own dtype policy (its entry when it has a policy map)."""
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return policy[layer.path]
+    return policy
+
+
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 @atomic_preset_save
 class VisionMoEImageClassifier(ImageClassifier):
@@ -93,6 +116,9 @@ class VisionMoEImageClassifier(ImageClassifier):
         head_dtype: `None`, str or `keras.DTypePolicy`. Dtype of the head.
             Defaults to the backbone's.
         **kwargs: `keras_hub.models.Task` arguments (`name`, `compile`).
+            A `dtype` must be the backbone's own policy: the classifier
+            computes in the backbone's policy (build the backbone with
+            `dtype=`, or `from_preset(..., dtype=...)`).
 
     Example:
     >>> import numpy as np
@@ -124,6 +150,7 @@ class VisionMoEImageClassifier(ImageClassifier):
         **kwargs,
     ):
         kwargs.setdefault("name", "vision_moe_image_classifier")
+        _check_dtype_is_the_backbones(kwargs.pop("dtype", None), backbone)
         if not isinstance(backbone, VisionMoEBackbone):
             raise ValueError(
                 f"`backbone` must be a VisionMoEBackbone, got {backbone!r}."
@@ -158,6 +185,8 @@ class VisionMoEImageClassifier(ImageClassifier):
         if bias is None:
             bias = -math.log(num_classes) if resolved_loss == "sigmoid" else 0.0
         # The argument as given, for get_config (a policy serialized to JSON).
+        if isinstance(head_dtype, dict):  # a serialized policy (map)
+            head_dtype = keras.dtype_policies.get(head_dtype)
         head_dtype_config = head_dtype
         if isinstance(head_dtype, keras.DTypePolicy):
             head_dtype_config = keras.dtype_policies.serialize(head_dtype)
@@ -220,10 +249,33 @@ class VisionMoEImageClassifier(ImageClassifier):
                 "loss_type": self.loss_type,
                 "head_bias_init": self.head_bias_init,
                 "dropout": self.dropout,
-                "head_dtype": self._head_dtype_config,
+                "head_dtype": self._head_dtype_for_config(),
             }
         )
         return config
+
+    def _head_dtype_for_config(self):
+        """`head_dtype` as given, or a policy map naming the quantized heads.
+
+        After `quantize("int8")` the pre-logits and head layers hold int8
+        kernels; a `DTypePolicyMap` with their quantized policies (by path)
+        makes `from_config` build them quantized, so the weights load (the
+        backbone records its own quantized layers the same way).
+        """
+        quantized = {
+            layer.path: _layer_policy(layer)
+            for layer in (self.pre_logits, self.head)
+            if layer.quantization_mode is not None
+        }
+        if not quantized:
+            return self._head_dtype_config
+        default = self.head_dtype
+        if isinstance(default, keras.dtype_policies.DTypePolicyMap):
+            default = default.default_policy
+        policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=default)
+        for path, policy in quantized.items():
+            policy_map[path] = policy
+        return keras.dtype_policies.serialize(policy_map)
 
     def compile(self, optimizer="auto", loss="auto", *, metrics="auto", **kwargs):
         """Configures training; `"auto"` picks working defaults.

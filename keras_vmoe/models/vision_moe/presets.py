@@ -239,6 +239,9 @@ def preset_files(name, description, backbone_kwargs, classifier_kwargs):
         **VisionMoEBackbone.arguments_from_config(backbone_kwargs),
     }
     backbone_config["image_shape"] = list(backbone_config["image_shape"])
+    # As `get_config()` writes it: resolved, not Keras' global setting.
+    if backbone_config["data_format"] is None:
+        backbone_config["data_format"] = "channels_last"
     preprocessing = preprocessor_files(backbone_config["image_shape"])
     classifier_config = {
         "name": "vision_moe_image_classifier",

@@ -27,6 +27,24 @@ from keras_vmoe.layers.activations import get_activation, serialize_activation
 _PACKAGE = "keras_vmoe"
 
 
+def standardize_data_format(data_format):
+    """`"channels_last"` or `"channels_first"`; None gives Keras' setting.
+
+    Example:
+    >>> standardize_data_format("Channels_First")
+    'channels_first'
+    """
+    if data_format is None:
+        return keras.config.image_data_format()
+    standardized = str(data_format).lower()
+    if standardized not in ("channels_last", "channels_first"):
+        raise ValueError(
+            "`data_format` must be 'channels_last' or 'channels_first' (or None "
+            f"for `keras.config.image_data_format()`), got {data_format!r}."
+        )
+    return standardized
+
+
 def _pair(value, name):
     """`value` as `(int, int)`; a ValueError naming `name` unless ints >= 1."""
     pair = (value, value) if isinstance(value, int) else value
@@ -50,48 +68,77 @@ class PatchEmbedding(keras.layers.Layer):
     A convolution with kernel size and stride equal to the patch size, then
     a flattening of the patch grid into a sequence (row-major).
 
+    Images may come channels-last `(B, H, W, C)` or channels-first
+    `(B, C, H, W)`; the convolution runs channels-last either way (so
+    channels-first works on every backend, TensorFlow's CPU kernels
+    included), and its kernel `(ph, pw, C, hidden_dim)` is the same for
+    both: a channels-first layer given transposed images and the same
+    weights gives the same tokens.
+
     Args:
         hidden_dim: int. Size of each patch embedding.
         patch_size: int or (int, int). Patch height and width.
+        data_format: str or None. `"channels_last"` or `"channels_first"`.
+            Defaults to `None` (`keras.config.image_data_format()`).
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Example:
     >>> layer = PatchEmbedding(hidden_dim=8, patch_size=4)
     >>> tuple(layer(keras.ops.ones((2, 16, 16, 3))).shape)
     (2, 16, 8)
+    >>> layer = PatchEmbedding(hidden_dim=8, patch_size=4,
+    ...                        data_format="channels_first")
+    >>> tuple(layer(keras.ops.ones((2, 3, 16, 12))).shape)
+    (2, 12, 8)
     """
 
-    def __init__(self, hidden_dim, patch_size, **kwargs):
+    def __init__(self, hidden_dim, patch_size, data_format=None, **kwargs):
         super().__init__(**kwargs)
         self.hidden_dim = int(hidden_dim)
         self.patch_size = patch_size
+        self.data_format = standardize_data_format(data_format)
         self.conv = keras.layers.Conv2D(
             filters=self.hidden_dim,
             kernel_size=_pair(patch_size, "patch_size"),
             strides=_pair(patch_size, "patch_size"),
             padding="valid",
             kernel_initializer="lecun_normal",
+            data_format="channels_last",
             dtype=self.dtype_policy,
             name="conv",
         )
 
+    def _channels_last_shape(self, input_shape):
+        if self.data_format == "channels_first":
+            batch, channels, height, width = input_shape
+            return (batch, height, width, channels)
+        return tuple(input_shape)
+
     def build(self, input_shape):
-        self.conv.build(input_shape)
+        self.conv.build(self._channels_last_shape(input_shape))
 
     def call(self, images):
-        x = self.conv(images)
+        if self.data_format == "channels_first":
+            images = ops.transpose(images, (0, 2, 3, 1))  # (B, H, W, C)
+        x = self.conv(images)  # (B, H/ph, W/pw, d)
         shape = ops.shape(x)
         return ops.reshape(x, (shape[0], shape[1] * shape[2], shape[3]))
 
     def compute_output_shape(self, input_shape):
         ph, pw = _pair(self.patch_size, "patch_size")
-        h, w = input_shape[1], input_shape[2]
+        batch, h, w, _ = self._channels_last_shape(input_shape)
         n = None if h is None or w is None else (h // ph) * (w // pw)
-        return (input_shape[0], n, self.hidden_dim)
+        return (batch, n, self.hidden_dim)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"hidden_dim": self.hidden_dim, "patch_size": self.patch_size})
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "patch_size": self.patch_size,
+                "data_format": self.data_format,
+            }
+        )
         return config
 
 
@@ -141,6 +188,9 @@ class PositionEmbedding(keras.layers.Layer):
 
     def call(self, x):
         return x + ops.cast(self.embeddings, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -305,6 +355,9 @@ class MlpBlock(keras.layers.Layer):
     def call(self, x, training=None):
         x = self.dropout(self.dense_1(x), training=training)
         return self.dropout(self.dense_2(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
     def get_config(self):
         config = super().get_config()
