@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 
 from keras_vmoe.layers import MlpExperts, MoE
-from keras_vmoe.models import VisionMoEBackbone, VisionMoEImageClassifier
+from keras_vmoe.models import (
+    VisionMoEBackbone,
+    VisionMoEImageClassifier,
+    VisionMoEImageClassifierPreprocessor,
+)
 from keras_vmoe.models.vision_moe.encoder_block import EncoderBlock
 from keras_vmoe.models.vision_moe.vit_layers import (
     ClassToken,
@@ -105,6 +109,16 @@ def test_image_shape_follows_the_data_format():
     assert backbone.layout.image_shape == (16, 12, 3)
     assert backbone.sequence_length == 13
     assert backbone.get_config()["data_format"] == "channels_first"
+    # Its preprocessor resizes channels-first raw images to (16, 12) and
+    # scales them: pixel 255 -> 255 / 127.5 - 1 = 1.
+    converter = VisionMoEImageClassifierPreprocessor.for_backbone(
+        backbone
+    ).image_converter
+    assert converter.image_size == (16, 12)
+    raw = np.full((2, 3, 20, 24), 255, dtype="uint8")
+    out = keras.ops.convert_to_numpy(converter(raw))
+    assert out.shape == (2, 3, 16, 12)
+    np.testing.assert_allclose(out, 1.0, atol=1e-6)
     # (16, 16, 3) channels-first: 16 channels of 16 x 3 images.
     with pytest.raises(ValueError, match=r"Image size \(16, 3\)"):
         VisionMoEBackbone(**tiny_moe("soft"), data_format="channels_first")

@@ -5,6 +5,7 @@ from keras_hub.models import ImageClassifierPreprocessor
 
 from keras_vmoe.models.vision_moe.backbone import VisionMoEBackbone
 from keras_vmoe.models.vision_moe.image_converter import VisionMoEImageConverter
+from keras_vmoe.utils.pixels import PIXEL_OFFSET, PIXEL_SCALE
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -47,6 +48,8 @@ class VisionMoEImageClassifierPreprocessor(ImageClassifierPreprocessor):
     def for_backbone(cls, backbone, **converter_kwargs):
         """The preprocessor of a backbone: resize to its image size, scale to [-1, 1].
 
+        The converter takes images in the backbone's `data_format`.
+
         Args:
             backbone: `VisionMoEBackbone`. Its `image_shape` gives the size.
             **converter_kwargs: Other `VisionMoEImageConverter` arguments.
@@ -62,7 +65,15 @@ class VisionMoEImageClassifierPreprocessor(ImageClassifierPreprocessor):
             raise ValueError(
                 f"`backbone` must be a VisionMoEBackbone, got {backbone!r}."
             )
-        height, width = backbone.image_shape[:2]
+        height, width, channels = backbone.layout.image_shape  # in any format
+        converter_kwargs.setdefault("data_format", backbone.data_format)
+        if converter_kwargs["data_format"] == "channels_first":
+            # keras-hub's converter broadcasts a scale or offset over
+            # channels-first images only when given one value per channel.
+            for name, default in (("scale", PIXEL_SCALE), ("offset", PIXEL_OFFSET)):
+                value = converter_kwargs.get(name, default)
+                if isinstance(value, (int, float)):
+                    converter_kwargs[name] = (float(value),) * channels
         converter = cls.image_converter_cls(
             image_size=(height, width), **converter_kwargs
         )
