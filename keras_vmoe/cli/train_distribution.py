@@ -57,7 +57,12 @@ def add_distribution_arguments(parser):
         action="store_true",
         help="Train on one device (no device mesh).",
     )
-    a("--coordinator", metavar="HOST:PORT", help="Process 0's address (multi-host).")
+    a(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="Process 0's address (multi-host); `auto` lets JAX discover the "
+        "cluster (Cloud TPU, SLURM, Open MPI).",
+    )
     a("--num-processes", type=int, help="Processes in the run (one per host).")
     a("--process-id", type=int, help="This process's index, 0 .. N-1.")
     a(
@@ -109,6 +114,8 @@ def process_settings(args):
         pid = _from_env(ENV_PROCESS_ID, int)
     if coordinator is None and num in (None, 1) and pid in (None, 0):
         return None, 1, 0
+    if coordinator == "auto":
+        return "auto", num, pid  # JAX fills in what is not given
     if coordinator is None or num is None or pid is None:
         raise usage_error(
             "a multi-process run needs --coordinator HOST:PORT, --num-processes "
@@ -142,6 +149,24 @@ def _abort_after(seconds, message):
     return timer
 
 
+def _check_port_free(coordinator):
+    """Raises `UsageError` when process 0 cannot listen on the coordinator's
+    port: most likely another process was also given `--process-id 0` (JAX
+    would abort both, saying only that a "newer incarnation" connected)."""
+    import socket
+
+    port = int(coordinator.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as e:
+            raise usage_error(
+                f"process 0 cannot listen on port {port} of --coordinator "
+                f"{coordinator} ({e.strerror}): is another process running with "
+                "--process-id 0?"
+            ) from None
+
+
 def initialize_processes(coordinator, num_processes, process_id, timeout):
     """Joins JAX's distributed runtime, or ends the process within `timeout` s.
 
@@ -154,17 +179,21 @@ def initialize_processes(coordinator, num_processes, process_id, timeout):
 
     if jax.distributed.is_initialized():
         return
+    if process_id == 0 and coordinator != "auto":
+        _check_port_free(coordinator)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    who = "this process" if process_id is None else f"process {process_id}"
+    size = "" if num_processes is None else f" of {num_processes} processes"
     watchdog = _abort_after(
         timeout,
-        f"process {process_id} could not join a cluster of {num_processes} "
-        f"processes at {coordinator} within {timeout} s: check that process 0 "
+        f"{who} could not join a cluster{size} at {coordinator} within "
+        f"{timeout} s: check that process 0 "
         "runs and is reachable there, and that every process got the same "
         "--num-processes and its own --process-id.",
     )
     try:
         jax.distributed.initialize(
-            coordinator_address=coordinator,
+            coordinator_address=None if coordinator == "auto" else coordinator,
             num_processes=num_processes,
             process_id=process_id,
             initialization_timeout=timeout + 30,
@@ -175,6 +204,18 @@ def initialize_processes(coordinator, num_processes, process_id, timeout):
         jax.devices()
     finally:
         watchdog.cancel()
+
+
+def jax_process_count():
+    import jax
+
+    return jax.process_count()
+
+
+def jax_process_index():
+    import jax
+
+    return jax.process_index()
 
 
 def process_index():
@@ -461,17 +502,24 @@ def setup(args, cfg):
         "distribution": None,
         "layout_map": None,
     }
-    if off and (mesh_spec is not None or num > 1):
+    multi = coordinator is not None
+    if off and (mesh_spec is not None or multi):
         raise usage_error("--no-distribution cannot go with --mesh or processes.")
     if keras.backend.backend() != "jax":
-        if mesh_spec is not None or num > 1:
+        if mesh_spec is not None or multi:
             raise usage_error(
                 "--mesh and multi-process runs need the JAX backend "
                 "(keras.distribution shards on JAX only)."
             )
         return placement
-    if num > 1:
+    if coordinator == "auto":
         initialize_processes(coordinator, num, pid, timeout)
+        num = jax_process_count()
+        pid = jax_process_index()
+        placement.update(num_processes=num, process_id=pid)
+    elif num > 1:
+        initialize_processes(coordinator, num, pid, timeout)
+    if num > 1:
         check_agreement(
             {
                 "run": {k: v for k, v in cfg.items() if k != "verbose"},

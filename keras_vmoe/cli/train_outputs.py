@@ -186,7 +186,9 @@ def exportable_model(model, cfg, num_classes, num_processes):
 
     from keras_vmoe.cli.train_setup import build_model
 
-    values = [multihost_utils.process_allgather(w.value) for w in model.weights]
+    values = [
+        multihost_utils.process_allgather(w.value, tiled=True) for w in model.weights
+    ]
     if jax.process_index() != 0:
         return None
     with _no_distribution():
