@@ -20,6 +20,13 @@ for Soft MoE presets) and trained with `fit()` and a progress bar.
     preset/               the trained model (`save_to_preset`): load it with
                           `keras_vmoe.models.from_preset("OUTPUT/preset")`
 
+On the JAX backend the run uses every device it sees, on a `(batch,
+expert)` mesh (`--mesh`, `--no-distribution`), and one process per host
+with `--coordinator HOST:PORT --num-processes N --process-id I`
+(`keras_vmoe.cli.train_distribution`); `backup/` and the best weights are
+then Orbax checkpoints (`checkpoints/best/<epoch>/`) written shard by shard,
+and process 0 alone writes the logs and the preset.
+
 Resuming is exact: the backup holds the weights, the optimizer and the
 random-seed states, and the input stream is a function of the seed and the
 position in the run only (pass `p` of the training split is shuffled and

@@ -190,7 +190,7 @@ def _history(out):
 
 def _preset_weights(out):
     model = from_preset(os.path.join(out, "preset"))
-    return [keras.ops.convert_to_numpy(w) for w in model.weights]
+    return {w.path: keras.ops.convert_to_numpy(w) for w in model.weights}
 
 
 def _assert_same_run(out, reference):
@@ -198,8 +198,19 @@ def _assert_same_run(out, reference):
     assert a["epoch"] == b["epoch"] == [1, 2]
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
-    for x, y in zip(_preset_weights(out), _preset_weights(reference), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    ours, theirs = _preset_weights(out), _preset_weights(reference)
+    assert list(ours) == list(theirs)
+    for path, x in ours.items():
+        if path.endswith("attention/key/bias"):
+            # Its gradient is 0 in exact arithmetic (a key bias adds q.b to
+            # every logit of a query alike, and softmax ignores that): what
+            # the runs compute is rounding noise, which depends on the order
+            # of summation and which Adam divides by its own tiny scale.
+            # Initialised at 0, it stays at noise level (measured ~1.6e-5,
+            # against weights of order 0.5) in both runs.
+            assert np.abs(x).max() < 1e-4 and np.abs(theirs[path]).max() < 1e-4
+            continue
+        np.testing.assert_allclose(x, theirs[path], rtol=1e-5, atol=1e-5, err_msg=path)
 
 
 @pytest.fixture(scope="module")
