@@ -26,7 +26,8 @@ CPU_FLAGS = [
     *("--override", "num_layers=4", "--override", "hidden_dim=64"),
     *("--override", "mlp_dim=128", "--override", "num_heads=2"),
     *("--override", "group_size=4", "--override", "representation_size=64"),
-    *("--batch-size", "64", "--steps", "30", "--steps-per-epoch", "5"),
+    *("--batch-size", "64", "--steps", "20", "--steps-per-epoch", "5"),
+    *("--train-split", "train[:2048]"),
 ]
 # On GPUs: B/16 with 32 experts at 224x224 (the V-MoE-B/16 of the paper).
 GPU_FLAGS = [

@@ -40,6 +40,7 @@ folder, its logs and the trained preset).
 """
 
 import os
+from contextlib import nullcontext
 
 from keras_vmoe.cli import train_distribution as run_distribution
 from keras_vmoe.cli import train_outputs as run_outputs
@@ -255,9 +256,12 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
     exported = run_outputs.exportable_model(model, cfg, num_classes, num_processes)
     preset_dir, final = None, None
     if chief:
-        preset_dir, final = run_outputs.save_trained_preset(
-            exported, cfg, recipe, total, epochs
-        )
+        # With several processes `exported` is a one-device copy: its
+        # compile() (in the save) must not create variables on the mesh.
+        with run_outputs.no_distribution() if num_processes > 1 else nullcontext():
+            preset_dir, final = run_outputs.save_trained_preset(
+                exported, cfg, recipe, total, epochs
+            )
     run_distribution.barrier("keras_vmoe_preset")
     if chief:
         print(f"saved the trained preset to {preset_dir}")

@@ -191,14 +191,14 @@ def exportable_model(model, cfg, num_classes, num_processes):
     ]
     if jax.process_index() != 0:
         return None
-    with _no_distribution():
+    with no_distribution():
         plain = build_model(cfg, num_classes)
     plain.set_weights(values)
     return plain
 
 
-class _no_distribution:
-    """Builds outside the run's distribution (restored on exit)."""
+class no_distribution:
+    """Runs its block without the run's distribution (restored on exit)."""
 
     def __enter__(self):
         self._previous = keras.distribution.distribution()

@@ -276,4 +276,8 @@ def sharded_validation_data(cfg, image_shape, group_size, num_eval, shard, mesh_
     weights = mine(tf.data.Dataset.range(total)).map(
         lambda i: tf.cast(i < num_eval, tf.float32)
     )
-    return tf.data.Dataset.zip(images, weights.batch(rows)).map(lambda xy, w: (*xy, w))
+    ds = tf.data.Dataset.zip(images, weights.batch(rows))
+    ds = ds.map(lambda xy, w: (*xy, w))
+    # The filters hide the length, which fit() needs to end validation
+    # without a warning that the data ran out.
+    return ds.apply(tf.data.experimental.assert_cardinality(-(-total // batch)))

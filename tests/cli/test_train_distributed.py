@@ -157,6 +157,15 @@ def test_sharded_validation_pads_to_whole_groups_of_the_mesh():
         )
         for p in range(2)
     ]
+    # fit() is told the number of batches (the filters would hide it).
+    assert (
+        int(
+            train_setup.sharded_validation_data(cfg, (8, 8, 1), 3, 20, (0, 2), 2)
+            .cardinality()
+            .numpy()
+        )
+        == 2
+    )
     # 24 rows in all (4 groups of 6): batches of 12, 12 -> 6 + 6 per process.
     assert [[len(b[0]) for b in part] for part in parts] == [[6, 6], [6, 6]]
     labels = np.concatenate([b[1] for step in zip(*parts) for b in step])
