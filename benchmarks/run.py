@@ -11,6 +11,7 @@ import os
 from benchmarks import (
     convert,
     dispatch_scaling,
+    distributed_train,
     moe_layer,
     quantization,
     routing_step,
@@ -41,7 +42,9 @@ GPU_NOTE = (
     "`benchmarks/gpu.sh` measures a B/16 V-MoE per router in bfloat16 on a "
     "GPU (images/s and model FLOP utilisation, under 5 minutes). It has not "
     "been run on a GPU yet: no GPU was available to this project so far. "
-    "Run it on one and paste its table here."
+    "Run it on one and paste its table here. It then measures `keras-vmoe "
+    "train` images/s on 1, 2, 4 and 8 GPUs (as many as are visible; "
+    "`benchmarks/distributed_train.py --gpu`), not run either."
 )
 
 
@@ -62,6 +65,7 @@ def main(path=OUTPUT):
     e2e = end_to_end_all_backends()
     convert_rows = convert.run()
     quantization_rows = quantization.run()
+    distributed_rows = distributed_train.run()
     target_rows = targets.evaluate(layer_rows, routing_rows, scaling_rows, e2e)
     with open(path, "w") as f:
         f.write("# keras_vmoe benchmarks\n\n")
@@ -89,6 +93,11 @@ def main(path=OUTPUT):
         f.write(f"\n{convert.summary(convert_rows)}\n")
         f.write(f"\n## int8 quantization\n\n{quantization.__doc__.strip()}\n\n")
         f.write(markdown_table(quantization_rows, quantization.COLUMNS) + "\n")
+        f.write(
+            "\n## `keras-vmoe train` on 1, 2, 4 and 8 devices (JAX)\n\n"
+            f"{distributed_train.__doc__.strip()}\n\n"
+        )
+        f.write(markdown_table(distributed_rows, distributed_train.COLUMNS) + "\n")
         f.write(f"\n## Against the targets\n\n{targets.__doc__.strip()}\n\n")
         f.write(markdown_table(target_rows, targets.COLUMNS) + "\n")
         if os.path.isfile(upcycling.RESULTS_PATH):  # saved by its own, longer run

@@ -294,3 +294,89 @@ if len(devices) % 8 == 0:
   each replica a multiple of `group_size`.
 - **PyTorch** runs the model on one device.
 """
+
+"""
+## From the command line: `keras-vmoe train` on every device
+
+`keras-vmoe train` does all of the above itself on the JAX backend. The
+same command runs on a laptop, a multi-GPU machine, a GPU cluster and a TPU
+pod slice; what changes is how many processes start it and where.
+
+```shell
+keras-vmoe train --preset vmoe_softmax_tc_b16_e32_224 --dataset imagenet2012 \
+    --batch-size 4096 --epochs 90 --output /shared/runs/b16
+```
+
+**The mesh.** The command builds a `(batch, expert)` device mesh over every
+device of every process, with the layout map of `get_layout_map` and
+`ModelParallel(..., batch_dim_name="batch")`. The expert axis is the
+largest size that divides both the number of experts and the devices of one
+process (so experts are sharded within a host), the batch axis takes the
+rest; the run prints the mesh it chose (`mesh batch=2 x expert=4`).
+`--mesh batch=B,expert=E` sets it, `--no-distribution` trains on one
+device. Before training, the command refuses a mesh that would replicate
+the experts (an MoE model on an expert axis of 1 over several devices), an
+expert axis that does not divide the experts, and a `--batch-size` that does
+not split into `B` batch shards of whole routing groups; it then checks
+every live weight against the layout map (`layout_problems`).
+
+**One host, several GPUs (or one TPU host).** Nothing changes: run the
+command once. With 8 GPUs and 32 experts the mesh is `batch=1 x expert=8`
+(each GPU holds 4 experts of every MoE layer and a slice of every
+dispatched batch); `--mesh batch=2,expert=4` trades expert parallelism for
+data parallelism.
+
+**Several GPU hosts.** Start one process per host, each seeing its own
+GPUs, with the address of process 0 and a distinct index:
+
+```shell
+# on host i of N (i = 0 .. N-1); HOST0:PORT reachable from every host
+keras-vmoe train ... --output /shared/runs/b16 \
+    --coordinator HOST0:1234 --num-processes N --process-id i
+```
+
+The variables of `keras.distribution.initialize` work too
+(`KERAS_DISTRIBUTION_JOB_ADDRESSES`, whose first address is the
+coordinator, `KERAS_DISTRIBUTION_NUM_PROCESSES`,
+`KERAS_DISTRIBUTION_PROCESS_ID`), and under SLURM or Open MPI
+`--coordinator auto` lets JAX discover all three. The processes first
+check that they agree on the run's arguments; a process that cannot join
+(a wrong address, a wrong `--num-processes`, two processes with the same
+`--process-id`) stops with one line after `--distributed-timeout` seconds
+(default 120) instead of waiting. Each process reads and augments only its
+rows of every global batch; the metrics are computed over the whole batch,
+and process 0 alone writes the logs and the trained preset. `--output` must
+be on a file system every host sees: the backups (`backup/`, for
+`--resume`) and the best weights (`checkpoints/best/`) are Orbax
+checkpoints in which each process writes the shards it holds, so no host
+ever gathers the model (only the final preset is gathered, onto process 0).
+`--resume` on every host continues a run after a host was lost.
+
+**A TPU pod slice.** Run the same command on every host of the slice with
+`--coordinator auto` (Cloud TPU tells JAX the hosts) and `--output` on a
+file system mounted on every host (e.g. NFS or Filestore):
+
+```shell
+gcloud compute tpus tpu-vm ssh my-slice --worker=all --command \
+  "keras-vmoe train ... --output /mnt/shared/runs/b16 --coordinator auto"
+```
+
+**What talks to what.** On a `(batch, expert)` mesh:
+
+- *Batch axis (data parallelism):* each step all-reduces the gradients of
+  the replicated weights (attention, embeddings, routers, head) over the
+  batch axis, and the gradients of each expert over the devices of its
+  expert-axis column; the loss and metrics are all-reduced too. Across
+  hosts this crosses the data-center network (NCCL over InfiniBand or
+  Ethernet on GPU clusters, the inter-slice network on TPU), once per step.
+- *Expert axis (expert parallelism):* each device of a batch row holds the
+  row's tokens, so dispatching them to the row's experts needs no
+  communication; combining the experts' outputs is one all-reduce (XLA may
+  make it a reduce-scatter followed by an all-gather) over the expert axis,
+  per MoE layer, forward and backward. Keeping this axis within a host puts
+  these per-layer collectives on NVLink or the TPU's ICI links.
+- *The 1-D V-MoE layout* of the library (`DeviceMesh((n,), ("expert",))`,
+  above) moves tokens with two all-to-alls per MoE layer instead, and is
+  available from Python, not from the command.
+- On CPUs (tests, the benchmark) the same collectives run through gloo.
+"""

@@ -20,6 +20,13 @@ for Soft MoE presets) and trained with `fit()` and a progress bar.
     preset/               the trained model (`save_to_preset`): load it with
                           `keras_vmoe.models.from_preset("OUTPUT/preset")`
 
+On the JAX backend the run uses every device it sees, on a `(batch,
+expert)` mesh (`--mesh`, `--no-distribution`), and one process per host
+with `--coordinator HOST:PORT --num-processes N --process-id I`
+(`keras_vmoe.cli.train_distribution`); `backup/` and the best weights are
+then Orbax checkpoints (`checkpoints/best/<epoch>/`) written shard by shard,
+and process 0 alone writes the logs and the preset.
+
 Resuming is exact: the backup holds the weights, the optimizer and the
 random-seed states, and the input stream is a function of the seed and the
 position in the run only (pass `p` of the training split is shuffled and
@@ -33,16 +40,26 @@ folder, its logs and the trained preset).
 """
 
 import os
+from contextlib import nullcontext
 
+from keras_vmoe.cli import train_distribution as run_distribution
 from keras_vmoe.cli import train_outputs as run_outputs
 from keras_vmoe.cli import train_setup as run_setup
 from keras_vmoe.cli.common import check_dataset, format_table, one_line
 from keras_vmoe.cli.train_arguments import (
-    add_arguments,  # noqa: F401 (keras_vmoe.cli calls command.add_arguments)
+    add_arguments as add_run_arguments,
+)
+from keras_vmoe.cli.train_arguments import (
     plan_steps,
     resolve_settings,
     usage_error,
 )
+
+
+def add_arguments(parser):
+    """The flags of `keras-vmoe train`: the run's, then devices and processes."""
+    add_run_arguments(parser)
+    run_distribution.add_distribution_arguments(parser)
 
 
 def run(args, callbacks=None):
@@ -74,11 +91,17 @@ def run(args, callbacks=None):
     ```
     """
     cfg = resolve_settings(args)
+    # Before anything runs on a device: JAX's distributed runtime must be
+    # joined first, and the mesh picked before the weights exist.
+    placement = run_distribution.setup(args, cfg)
+    num_processes = placement["num_processes"]
+    chief = placement["process_id"] == 0
     out = cfg["output"]
     num_train = check_dataset(cfg["dataset"], cfg["train_split"], cfg["data_dir"])
     evaluate = str(cfg["eval_split"]).lower() != "none"
+    num_eval = None
     if evaluate:
-        check_dataset(cfg["dataset"], cfg["eval_split"], cfg["data_dir"])
+        num_eval = check_dataset(cfg["dataset"], cfg["eval_split"], cfg["data_dir"])
     for name in cfg["fewshot_list"]:
         check_dataset(name, "train", cfg["data_dir"])
         check_dataset(name, "test", cfg["data_dir"])
@@ -86,20 +109,50 @@ def run(args, callbacks=None):
         raise usage_error(
             f"the size of {cfg['dataset']}:{cfg['train_split']} is unknown."
         )
+    if cfg["fewshot_list"] and num_processes > 1:
+        raise usage_error("--fewshot is not available with several processes yet.")
     spe, epochs, total, per_pass = plan_steps(cfg, num_train)
 
+    import keras
+
+    distribution = placement["distribution"]
+    keras.distribution.set_distribution(distribution)
+    try:
+        return _run(
+            cfg,
+            placement,
+            callbacks,
+            num_train,
+            num_eval,
+            plan=(spe, epochs, total, per_pass),
+            chief=chief,
+            evaluate=evaluate,
+            out=out,
+        )
+    finally:
+        keras.distribution.set_distribution(None)
+
+
+def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, out):
+    """`run` under the run's distribution (if any)."""
     import keras
 
     from keras_vmoe import data
     from keras_vmoe.callbacks import FewShotEvaluator, RoutingStatistics
     from keras_vmoe.evaluation import model_group_size, model_image_shape
-    from keras_vmoe.training.recipe import BackupAndRestoreWithRNG
+
+    spe, epochs, total, per_pass = plan
+    num_processes = placement["num_processes"]
+    shard = (placement["process_id"], num_processes)
+    mesh = placement["mesh"]
 
     # === The model ===
     keras.utils.set_random_seed(cfg["seed"])
     num_classes = data.num_classes(cfg["dataset"], cfg["data_dir"])
     model = run_setup.build_model(cfg, num_classes)
     preprocessor = run_setup.detach_preprocessor(model)
+    if placement["layout_map"] is not None:
+        run_distribution.check_model_layout(model, placement)
     group = model_group_size(model)
     if cfg["batch_size"] % group:
         raise usage_error(
@@ -110,6 +163,11 @@ def run(args, callbacks=None):
     image_shape = model_image_shape(model)
     evaluator = None
     if cfg["fewshot_list"]:
+        fewshot_batch = (
+            max(256 // (mesh["batch"] * group), 1) * mesh["batch"] * group
+            if mesh
+            else 256
+        )
         try:
             evaluator = FewShotEvaluator.from_dataset_names(
                 cfg["fewshot_list"],
@@ -118,42 +176,69 @@ def run(args, callbacks=None):
                 seed=cfg["seed"],
                 data_dir=cfg["data_dir"],
                 every_n_epochs=cfg["fewshot_every"],
+                batch_size=fewshot_batch,
             )
         except ValueError as e:
             raise usage_error(f"--fewshot: {one_line(e)}") from None
 
     # === The run folder ===
-    run_outputs.prepare_run_folder(cfg)
     backup_dir = os.path.join(out, "backup")
-    start = BackupAndRestoreWithRNG.resume_epoch(backup_dir) if cfg["resume"] else 0
-    run_outputs.truncate_csv(os.path.join(out, "log.csv"), start)
+    backup_cls = run_outputs.backup_class(mesh is not None)
+    start = (
+        run_outputs.resume_epoch(backup_dir, mesh is not None) if cfg["resume"] else 0
+    )
+    run_distribution.barrier("keras_vmoe_read_backup")
+    if chief:
+        run_outputs.prepare_run_folder(cfg)
+        run_outputs.truncate_csv(os.path.join(out, "log.csv"), start)
+    run_distribution.barrier("keras_vmoe_run_folder")
 
     # === Data ===
-    train = run_setup.training_data(cfg, image_shape, per_pass, start * spe, num_train)
-    validation = (
-        run_setup.validation_data(cfg, image_shape, group) if evaluate else None
+    train = run_setup.training_data(
+        cfg, image_shape, per_pass, start * spe, num_train, shard=shard
     )
+    validation = None
+    if evaluate and mesh is not None:
+        validation = run_setup.sharded_validation_data(
+            cfg, image_shape, group, num_eval, shard, mesh["batch"]
+        )
+    elif evaluate:
+        validation = run_setup.validation_data(cfg, image_shape, group)
 
     # === Callbacks ===
     monitor = "val_accuracy" if evaluate else "accuracy"
-    backup = BackupAndRestoreWithRNG(backup_dir, delete_checkpoint=False)
+    backup = backup_cls(backup_dir, delete_checkpoint=False)
     cbs = [RoutingStatistics()]
     if evaluator is not None:
         cbs.append(evaluator)
     if total % spe:
         cbs.append(run_outputs.StopAtStep(total))
     cbs += run_outputs.run_callbacks(
-        out, start, monitor, callbacks or (), backup, tensorboard=cfg["tensorboard"]
+        out,
+        start,
+        monitor,
+        callbacks or (),
+        backup,
+        tensorboard=cfg["tensorboard"],
+        chief=chief,
+        sharded=mesh is not None,
     )
 
-    print(
-        f"train: {cfg['preset']} ({model.count_params():,} parameters, "
-        f"recipe {recipe}) on {cfg['dataset']}:{cfg['train_split']} "
-        f"({num_train} images, {num_classes} classes), {total} steps of "
-        f"{cfg['batch_size']} = {epochs} epoch{'s' * (epochs != 1)} of {spe} steps"
-        + (f", resuming at epoch {start + 1}" if start else "")
-        + f"; output {out}"
-    )
+    if chief:
+        where = ""
+        if mesh is not None:
+            where = f", mesh batch={mesh['batch']} x expert={mesh['expert']}" + (
+                f" over {num_processes} processes" if num_processes > 1 else ""
+            )
+        print(
+            f"train: {cfg['preset']} ({model.count_params():,} parameters, "
+            f"recipe {recipe}) on {cfg['dataset']}:{cfg['train_split']} "
+            f"({num_train} images, {num_classes} classes), {total} steps of "
+            f"{cfg['batch_size']} = {epochs} epoch{'s' * (epochs != 1)} of {spe} steps"
+            + where
+            + (f", resuming at epoch {start + 1}" if start else "")
+            + f"; output {out}"
+        )
     if start < epochs:
         model.fit(
             train,
@@ -162,18 +247,26 @@ def run(args, callbacks=None):
             validation_data=validation,
             callbacks=cbs,
             shuffle=False,  # the stream is shuffled (and must keep its order)
-            verbose=cfg["verbose"],
+            verbose=cfg["verbose"] if chief else 0,
         )
     else:  # Every epoch ran; the run stopped before saving the preset.
         backup.set_model(model)
         backup.on_train_begin()
 
     # === The trained preset ===
-    model.preprocessor = preprocessor  # saved as preprocessor.json
-    preset_dir, final = run_outputs.save_trained_preset(
-        model, cfg, recipe, total, epochs
-    )
-    print(f"saved the trained preset to {preset_dir}")
-    if final:
-        print(format_table(final))
+    exported = run_outputs.exportable_model(model, cfg, num_classes, num_processes)
+    preset_dir, final = None, None
+    if chief:
+        exported.preprocessor = preprocessor  # saved as preprocessor.json
+        # With several processes `exported` is a one-device copy: its
+        # compile() (in the save) must not create variables on the mesh.
+        with run_outputs.no_distribution() if num_processes > 1 else nullcontext():
+            preset_dir, final = run_outputs.save_trained_preset(
+                exported, cfg, recipe, total, epochs
+            )
+    run_distribution.barrier("keras_vmoe_preset")
+    if chief:
+        print(f"saved the trained preset to {preset_dir}")
+        if final:
+            print(format_table(final))
     return 0

@@ -8,6 +8,13 @@
     backup/               BackupAndRestoreWithRNG state while the run is unfinished
     preset/               the trained model (`save_trained_preset`)
 
+On a device mesh (JAX, `keras_vmoe.cli.train_distribution`), the weights
+are sharded, possibly across processes: `backup/` is then an Orbax
+checkpoint (`OrbaxBackupAndRestore`), the best weights are
+`checkpoints/best/<epoch>/` (`keras.callbacks.OrbaxCheckpoint`), each
+process writing its own shards; only process 0 writes the logs and the
+preset.
+
 On `--resume`, the logs are cut back to the epoch the backup resumes from.
 """
 
@@ -128,7 +135,82 @@ def best_so_far(history_path, monitor, initial_epoch):
     return max(values) if values else None
 
 
-def run_callbacks(out, start, monitor, extra, backup, tensorboard=False):
+def backup_class(sharded):
+    """`OrbaxBackupAndRestore` on a device mesh, else `BackupAndRestoreWithRNG`."""
+    if sharded:
+        from keras_vmoe.training.orbax_backup import OrbaxBackupAndRestore
+
+        return OrbaxBackupAndRestore
+    from keras_vmoe.training.recipe import BackupAndRestoreWithRNG
+
+    return BackupAndRestoreWithRNG
+
+
+def resume_epoch(backup_dir, sharded):
+    """The epoch the backup in `backup_dir` resumes at (0: none).
+
+    Raises `UsageError` when the backup was written in the other format
+    (with or without a device mesh) than this run would read.
+    """
+    from keras_vmoe.cli.train_arguments import usage_error
+    from keras_vmoe.training.orbax_backup import OrbaxBackupAndRestore
+    from keras_vmoe.training.recipe import BackupAndRestoreWithRNG
+
+    orbax = OrbaxBackupAndRestore.resume_epoch(backup_dir)
+    h5 = BackupAndRestoreWithRNG.resume_epoch(backup_dir)
+    if sharded and h5 and not orbax:
+        raise usage_error(
+            f"the backup in {backup_dir!r} was written on one device; resume "
+            "it with --no-distribution."
+        )
+    if not sharded and orbax and not h5:
+        raise usage_error(
+            f"the backup in {backup_dir!r} was written on a device mesh; resume "
+            "it on the JAX backend without --no-distribution."
+        )
+    return orbax if sharded else h5
+
+
+def exportable_model(model, cfg, num_classes, num_processes):
+    """`model`, or with several processes a one-device copy on process 0.
+
+    A weight sharded across processes cannot be written by one of them:
+    every process gathers each weight (a collective, at the end of the run
+    only), and process 0 puts them into the same model built without a
+    device mesh. Other processes get `None`.
+    """
+    if num_processes == 1:
+        return model
+    import jax
+    from jax.experimental import multihost_utils
+
+    from keras_vmoe.cli.train_setup import build_model
+
+    values = [
+        multihost_utils.process_allgather(w.value, tiled=True) for w in model.weights
+    ]
+    if jax.process_index() != 0:
+        return None
+    with no_distribution():
+        plain = build_model(cfg, num_classes)
+    plain.set_weights(values)
+    return plain
+
+
+class no_distribution:
+    """Runs its block without the run's distribution (restored on exit)."""
+
+    def __enter__(self):
+        self._previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(None)
+
+    def __exit__(self, *exc):
+        keras.distribution.set_distribution(self._previous)
+
+
+def run_callbacks(
+    out, start, monitor, extra, backup, tensorboard=False, chief=True, sharded=False
+):
     """The logging callbacks of the run, then `extra`, then `backup`.
 
     Args:
@@ -136,26 +218,45 @@ def run_callbacks(out, start, monitor, extra, backup, tensorboard=False):
         start: int. First epoch of this `fit()` (0, or the resumed epoch).
         monitor: str. Metric that picks `checkpoints/best.weights.h5`.
         extra: list of callbacks. Placed before the backup.
-        backup: `BackupAndRestoreWithRNG`. Last, so it saves after the rest.
+        backup: `BackupAndRestoreWithRNG` or `OrbaxBackupAndRestore`. Last,
+            so it saves after the rest.
         tensorboard: bool. Also write the epoch logs to `out/tensorboard`.
+        chief: bool. This process writes the logs (process 0). Defaults to
+            `True`.
+        sharded: bool. The weights are sharded on a device mesh: the best
+            weights go to an Orbax checkpoint, written by every process.
+            Defaults to `False`.
     """
     history_path = os.path.join(out, "history.json")
     csv_path = os.path.join(out, "log.csv")
     tensorboard_dir = os.path.join(out, "tensorboard") if tensorboard else None
-    return [
-        HistoryFile(history_path, start, tensorboard_dir),
-        keras.callbacks.CSVLogger(csv_path, append=start > 0),
-        keras.callbacks.ModelCheckpoint(
+    threshold = best_so_far(history_path, monitor, start)
+    if sharded:
+        best = keras.callbacks.OrbaxCheckpoint(
+            os.path.abspath(os.path.join(out, "checkpoints", "best")),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            save_on_background=False,
+            initial_value_threshold=threshold,
+        )
+    else:
+        best = keras.callbacks.ModelCheckpoint(
             os.path.join(out, "checkpoints", "best.weights.h5"),
             monitor=monitor,
             mode="max",
             save_best_only=True,
             save_weights_only=True,
-            initial_value_threshold=best_so_far(history_path, monitor, start),
-        ),
-        *extra,
-        backup,
-    ]
+            initial_value_threshold=threshold,
+        )
+    logs = []
+    if chief:
+        logs = [
+            HistoryFile(history_path, start, tensorboard_dir),
+            keras.callbacks.CSVLogger(csv_path, append=start > 0),
+        ]
+    return [*logs, best, *extra, backup]
 
 
 def save_trained_preset(model, cfg, recipe, total, epochs):

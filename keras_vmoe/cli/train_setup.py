@@ -123,6 +123,7 @@ def training_stream(
     augment=False,
     shuffle_buffer=MAX_SHUFFLE_BUFFER,
     data_dir=None,
+    shard=None,
 ):
     """An endless, resumable stream of training batches as a tf.data.Dataset.
 
@@ -142,15 +143,28 @@ def training_stream(
         augment: bool. Random resized crop and flip. Defaults to `False`.
         shuffle_buffer: int. Defaults to `10_000`.
         data_dir: str or None. TFDS data directory. Defaults to `None`.
+        shard: tuple `(process index, process count)` or None. Stream only
+            this process's rows of every batch: `batch_size / count` rows,
+            the `index`-th slice (`keras_vmoe.data.train_pipeline(shard=...)`,
+            which augments only those). Defaults to `None` (whole batches).
 
     Returns:
-        tf.data.Dataset of `(float32 images (B, h, w, c), int32 labels (B,))`.
+        tf.data.Dataset of `(float32 images (b, h, w, c), int32 labels (b,))`,
+        `b = batch_size / count`.
     """
     import tensorflow as tf
 
     from keras_vmoe import data
 
     h, w, c = image_shape
+    if shard is not None:
+        index, count = shard
+        if batch_size % count:
+            raise ValueError(
+                f"batch_size {batch_size} does not split over {count} processes."
+            )
+        batch_size //= count
+        shard = (index, count) if count > 1 else None
 
     def batches():
         pass_index, offset = divmod(int(start_step), batches_per_pass)
@@ -165,6 +179,7 @@ def training_stream(
                 shuffle_buffer=shuffle_buffer,
                 seed=pass_seed(seed, pass_index),
                 drop_remainder=True,
+                shard=shard,
             )
             if offset:
                 ds = ds.skip(offset)
@@ -179,11 +194,14 @@ def training_stream(
     return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2)
 
 
-def training_data(cfg, image_shape, batches_per_pass, start_step, num_train):
+def training_data(
+    cfg, image_shape, batches_per_pass, start_step, num_train, shard=None
+):
     """The run's `training_stream`, from batch `start_step` on.
 
     `--augment auto` is no augmentation for the bundled datasets, else
-    random crop and flip.
+    random crop and flip. `shard=(process index, count)`: this process's
+    rows of each batch.
     """
     from keras_vmoe import data
 
@@ -201,6 +219,7 @@ def training_data(cfg, image_shape, batches_per_pass, start_step, num_train):
         augment=augment == "crop_flip",
         shuffle_buffer=min(num_train, MAX_SHUFFLE_BUFFER),
         data_dir=cfg["data_dir"],
+        shard=shard,
     )
 
 
@@ -219,3 +238,77 @@ def validation_data(cfg, image_shape, group_size):
         ),
         group_size,
     )
+
+
+def sharded_validation_data(cfg, image_shape, group_size, num_eval, shard, mesh_batch):
+    """`--eval-split` for a device mesh: this process's rows of each batch.
+
+    Every batch must split over the mesh's batch axis (`mesh_batch` shards
+    of whole routing groups) and, with several processes, each process
+    feeds its rows of every batch (`batch / count`, in process order), and
+    all run the same number of steps. Batches hold `--batch-size` images
+    but the last, which is padded to `mesh_batch` whole groups only: its
+    short last group cycles through its own images (the rule of
+    `keras_vmoe.evaluation.group_padded`, so the real images are routed as
+    without a mesh), then whole groups of other images follow; padded rows
+    weigh 0. Only this process's rows are decoded and resized.
+
+    Args:
+        cfg: dict. The run's settings.
+        image_shape: tuple. `(height, width, channels)`.
+        group_size: int. Images per routing group.
+        num_eval: int. Examples in the split.
+        shard: tuple `(process index, process count)`.
+        mesh_batch: int. Size of the mesh's batch axis (a multiple of the
+            process count).
+
+    Returns:
+        tf.data.Dataset of `(images, labels, sample_weight)`.
+    """
+    import tensorflow as tf
+
+    from keras_vmoe import data
+
+    index, count = shard
+    batch = cfg["batch_size"]
+    unit = mesh_batch * group_size
+    total = -(-num_eval // unit) * unit
+    full = num_eval - num_eval % group_size
+    in_groups = -(-num_eval // group_size) * group_size
+    last = total - (total - 1) // batch * batch  # rows of the last batch
+    raw = data.load(cfg["dataset"], cfg["eval_split"], data_dir=cfg["data_dir"])
+    padded = raw
+    if in_groups > num_eval:  # the short last group cycles through itself
+        padded = padded.concatenate(raw.skip(full).repeat().take(in_groups - num_eval))
+    if total > in_groups:  # whole groups of padding
+        padded = padded.concatenate(raw.repeat().take(total - in_groups))
+
+    def owner(i):
+        # Rows of batch i // batch go to the processes in order.
+        size = tf.where(
+            i // batch == (total - 1) // batch,
+            tf.constant(last, tf.int64),
+            tf.constant(batch, tf.int64),
+        )
+        return i % batch // (size // count)
+
+    def mine(ds):
+        ds = ds.enumerate().filter(lambda i, e: owner(i) == index)
+        return ds.map(lambda i, e: e)
+
+    rows = batch // count
+    images = data.eval_pipeline(
+        mine(padded),
+        image_shape[:2],
+        rows,
+        crop_fraction=data.eval_crop_fraction(cfg["dataset"]),
+        channels=image_shape[2],
+    )
+    weights = mine(tf.data.Dataset.range(total)).map(
+        lambda i: tf.cast(i < num_eval, tf.float32)
+    )
+    ds = tf.data.Dataset.zip(images, weights.batch(rows))
+    ds = ds.map(lambda xy, w: (*xy, w))
+    # The filters hide the length, which fit() needs to end validation
+    # without a warning that the data ran out.
+    return ds.apply(tf.data.experimental.assert_cardinality(-(-total // batch)))
