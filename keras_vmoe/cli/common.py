@@ -6,6 +6,8 @@ any model is built, printing a table. What the commands compute comes from
 the library (`keras_vmoe.evaluation`, `keras_vmoe.data`, ...).
 """
 
+import os
+
 from keras_vmoe.cli.errors import UsageError
 from keras_vmoe.evaluation.fewshot import DEFAULT_SHOTS as _SHOTS
 
@@ -94,3 +96,19 @@ def format_table(results):
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<{width}}  {text}")
     return "\n".join(lines)
+
+
+def check_preset_output(output):
+    """Refuses an `--output` that is a file, or a folder of files but no preset.
+
+    A preset folder (with `config.json`) may be replaced; so may an empty
+    or missing one.
+    """
+    if os.path.isfile(output):
+        raise UsageError(f"--output: {output} is a file, not a folder.")
+    if os.path.isdir(output) and os.listdir(output):
+        if not os.path.isfile(os.path.join(output, "config.json")):
+            raise UsageError(
+                f"--output: {output} holds files but no config.json: not replacing "
+                "a folder that is not a preset."
+            )

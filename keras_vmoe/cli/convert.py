@@ -20,7 +20,7 @@ missing shard, a config that does not match the weights) leaves nothing at
 import json
 import os
 
-from keras_vmoe.cli.common import one_line
+from keras_vmoe.cli.common import check_preset_output, one_line
 from keras_vmoe.cli.errors import UsageError
 
 INDEX_SUFFIX = ".index"
@@ -207,14 +207,7 @@ def run(args):
     prefix = checkpoint_prefix(args.checkpoint)
     config, source = resolve_config(args.config)
     output = os.path.expanduser(args.output)
-    if os.path.isfile(output):
-        raise UsageError(f"--output: {output} is a file, not a folder.")
-    if os.path.isdir(output) and os.listdir(output):
-        if not os.path.isfile(os.path.join(output, "config.json")):
-            raise UsageError(
-                f"--output: {output} holds files but no config.json: not replacing "
-                "a folder that is not a preset."
-            )
+    check_preset_output(output)
     try:
         model = convert(prefix, config, source, output, name=args.name)
     except (ValueError, KeyError, OSError) as e:

@@ -21,7 +21,7 @@ The folder is written atomically: a failed upcycling leaves nothing at DIR.
 import json
 import os
 
-from keras_vmoe.cli.common import one_line
+from keras_vmoe.cli.common import check_preset_output, one_line
 from keras_vmoe.cli.errors import UsageError
 
 
@@ -83,17 +83,6 @@ def _router_config(text):
     return config
 
 
-def _check_output(output):
-    if os.path.isfile(output):
-        raise UsageError(f"--output: {output} is a file, not a folder.")
-    if os.path.isdir(output) and os.listdir(output):
-        if not os.path.isfile(os.path.join(output, "config.json")):
-            raise UsageError(
-                f"--output: {output} holds files but no config.json: not replacing "
-                "a folder that is not a preset."
-            )
-
-
 def run(args):
     from keras_vmoe.routers import ROUTER_NAMES
 
@@ -107,7 +96,7 @@ def run(args):
         raise UsageError(f"--expert-noise must be >= 0, got {args.expert_noise}.")
     router_config = _router_config(args.router_config)
     output = os.path.expanduser(args.output)
-    _check_output(output)
+    check_preset_output(output)
     try:
         model = upcycle_preset(
             args.source,
