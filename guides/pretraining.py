@@ -66,8 +66,10 @@ pixels to [-1, 1] and batch them. These pipelines feed `fit()` on every
 backend. Splits take the TFDS slicing syntax, so `"train[:256]"` reads the
 first 256 training examples.
 
-The pipelines drop the last partial batch: a V-MoE routes tokens in groups of
-whole images, so the batch size must be a multiple of the group size.
+The pipelines drop the last partial batch and keep the batch size a multiple
+of the group size, so that every routing group holds the same number of images
+(a model takes any batch, but routes a partial last group on its own, with
+the capacity of its own size).
 """
 
 print("classes:", data.ANIMAL_MNIST_CLASSES)
