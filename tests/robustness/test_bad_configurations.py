@@ -130,7 +130,7 @@ ROWS = [
     (MoE, dict(router=Build(routers.SoftmaxExpertChoiceRouter, 4), experts=Build(keras.layers.Dense, 4), group_size=8), ValueError, r"`experts` must be an experts layer with a `num_experts` attribute \(e\.g\. `keras_vmoe\.layers\.MlpExperts`\), got <Dense"),
     (MoE, dict(router=Build(routers.SoftmaxExpertChoiceRouter, 4), experts=Build(MlpExperts, 4, 8), group_size=8, use_einsum_dispatch="yes"), ValueError, r"`use_einsum_dispatch` must be True or False, got 'yes'"),
     # === Models and presets ===
-    (backbone, dict(image_shape=(16, 16)), ValueError, r"`image_shape` must be \(height, width, channels\) of positive ints, got \(16, 16\)"),
+    (backbone, dict(image_shape=(16, 16)), ValueError, r"`image_shape` must be \(height, width, channels\) of positive ints with data_format='channels_last', got \(16, 16\)"),
     (backbone, dict(image_shape=(18, 16, 3)), ValueError, r"\(18, 16\) \(`image_shape`\) must be divisible by the patch size \(4, 4\) \(`patch_size`\)"),
     (backbone, dict(patch_size=0), ValueError, r"`patch_size` must be an int >= 1 or a pair of them, got 0"),
     (backbone, dict(num_layers=0), ValueError, "`num_layers` " + INT_AT_LEAST_1 + "0"),
