@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 BACKENDS ?= jax tensorflow torch
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-jax test-tensorflow test-torch lint demo bench notebooks clean
+.PHONY: setup test test-multiprocess test-jax test-tensorflow test-torch lint demo bench notebooks clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-%: setup
 lint: setup
 	$(PY) -m ruff check keras_vmoe tests benchmarks guides
 	$(PY) -m ruff format --check keras_vmoe tests benchmarks guides
+
+# The multi-process training tests (two JAX processes of 4 simulated CPU
+# devices each, a kill and --resume, bad process settings): not in `make test`.
+test-multiprocess: setup
+	KERAS_BACKEND=jax $(PY) -m pytest -q -m multiprocess tests/cli/test_train_distributed.py
 
 demo: setup
 	$(VENV)/bin/keras-vmoe --backend jax study

@@ -363,6 +363,7 @@ def read_log(tmp, name):
 
 
 @JAX_ONLY
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_process_and_resume_after_a_kill(runs, tmp_path):
     tmp = str(tmp_path)
     out = str(tmp_path / "two")
@@ -433,6 +434,7 @@ def test_two_processes_equal_one_process_and_resume_after_a_kill(runs, tmp_path)
 
 
 @JAX_ONLY
+@pytest.mark.multiprocess
 def test_bad_process_settings_end_with_a_clear_error(tmp_path):
     tmp = str(tmp_path)
     argv = [*TRAIN, "--distributed-timeout", str(TIMEOUT)]

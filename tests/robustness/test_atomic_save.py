@@ -226,6 +226,7 @@ def test_interrupted_train_command_leaves_no_partial_preset(tmp_path, monkeypatc
     argv = ["train", "--preset", "vit_dense_s32_224", "--dataset", "digits"]
     argv += ["--image-size", "16", "--batch-size", "32", "--steps", "2"]
     argv += ["--eval-split", "none", "--verbose", "0", "--output", str(out)]
+    argv += ["--no-distribution"]  # one device, not the 8 simulated ones
     for key, value in dict(
         patch_size=4, num_layers=1, hidden_dim=8, mlp_dim=16, num_heads=2
     ).items():

@@ -37,7 +37,9 @@ TINY = dict(
     group_size=2,
     representation_size=16,
 )
-TINY_FLAGS = ["--image-size", "16", "--num-experts", "4"] + [
+# One device: the mesh path (the tests' 8 simulated JAX devices) is
+# tests/cli/test_train_distributed.py's.
+TINY_FLAGS = ["--image-size", "16", "--num-experts", "4", "--no-distribution"] + [
     arg
     for key in ("patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_heads")
     + ("group_size", "representation_size")
