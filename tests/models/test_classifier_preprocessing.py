@@ -129,7 +129,10 @@ def test_predict_raw_images_of_another_size_gives_the_manual_logits():
     expected = _predict_without_preprocessor(model, _by_hand(images))
     assert logits.shape == (4, 3)
     assert np.abs(expected).max() > 0.5  # the head is not zero
-    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+    # Logits up to about 10: TensorFlow's compiled predict differs from the
+    # hand-preprocessed run by float32 rounding (3e-5 measured), so rtol 1e-5
+    # and atol 1e-4.
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-5)
     # Eager calls (each backend's own resize kernel) agree too.
     x = model.preprocessor(images)
     np.testing.assert_allclose(
