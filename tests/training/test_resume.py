@@ -160,6 +160,7 @@ def test_resumed_fit_matches_uninterrupted_fit(reference, tmp_path):
 
 TRAIN = [
     "train",
+    "--no-distribution",
     "--preset",
     "vmoe_softmax_tc_s32_e32_224",
     "--dataset",
@@ -217,14 +218,16 @@ def test_train_command_resume_is_exact(tmp_path, capsys):
     args = cli.build_parser().parse_args([*TRAIN, "--output", part])
     with pytest.raises(KeyboardInterrupt):
         train_command.run(args, callbacks=[Interrupt(1)])
-    # On JAX the command trains on the 8 simulated devices of the tests, so
-    # its backup is an Orbax checkpoint; elsewhere Keras' HDF5 files.
-    sharded = keras.backend.backend() == "jax"
-    assert run_outputs.resume_epoch(os.path.join(part, "backup"), sharded) == 1
+    # One device (`--no-distribution`): Keras' backup files. The sharded
+    # Orbax backup of a mesh run is tests/cli/test_train_distributed.py's.
+    assert run_outputs.resume_epoch(os.path.join(part, "backup"), False) == 1
     # A changed argument is refused on resume; the saved ones are reused.
     assert cli.main(["train", "--output", part, "--resume", "--seed", "4"]) == 2
     assert "--seed differ" in capsys.readouterr().err
-    assert cli.main(["train", "--output", part, "--resume", "--verbose", "0"]) == 0
+    # The device layout is not a saved argument: a one-device backup resumes
+    # with --no-distribution again (without it, a clear error on JAX).
+    resume = ["train", "--output", part, "--resume", "--no-distribution"]
+    assert cli.main([*resume, "--verbose", "0"]) == 0
     assert not os.path.exists(os.path.join(part, "backup"))
 
     for a, b in zip(_preset_weights(full), _preset_weights(part), strict=True):
