@@ -66,6 +66,15 @@ def _ours_dense(**options):
     return backbone
 
 
+def _hub_classifier(**options):
+    """A keras-hub ViT classifier (3 classes) with every weight redrawn."""
+    classifier = keras_hub.models.ViTImageClassifier(
+        _hub_backbone(), num_classes=3, intermediate_dim=8, **options
+    )
+    _randomize(classifier, seed=3)
+    return classifier
+
+
 def _outputs(model, x):
     """One eager inference call (cheaper than compiling `predict`)."""
     out = model(x, training=False)
@@ -79,18 +88,23 @@ def _sequence(model, x):
     return out["sequence_output"] if isinstance(out, dict) else out
 
 
-@pytest.mark.parametrize("router", sorted(KEEP_ALL))
-def test_one_expert_keeps_keras_hub_outputs(router):
-    dense = _hub_backbone()
-    moe = upcycle(
+def _one_expert(dense, router, moe_layers="all"):
+    """`dense` upcycled to one expert per MoE block that keeps every token."""
+    return upcycle(
         dense,
         router=router,
         num_experts=1,
-        moe_layers="all",
+        moe_layers=moe_layers,
         router_config=KEEP_ALL[router],
         group_size=2,
         seed=0,
     )
+
+
+@pytest.mark.parametrize("router", sorted(KEEP_ALL))
+def test_one_expert_keeps_keras_hub_outputs(router):
+    dense = _hub_backbone()
+    moe = _one_expert(dense, router)
     x = _images()
     np.testing.assert_allclose(_sequence(moe, x), _sequence(dense, x), atol=1e-5)
 
@@ -98,14 +112,7 @@ def test_one_expert_keeps_keras_hub_outputs(router):
 @pytest.mark.parametrize("router", sorted(KEEP_ALL))
 def test_one_expert_keeps_our_dense_outputs(router):
     dense = _ours_dense()
-    moe = upcycle(
-        dense,
-        router=router,
-        num_experts=1,
-        moe_layers=[0, 1],
-        router_config=KEEP_ALL[router],
-        seed=0,
-    )
+    moe = _one_expert(dense, router, moe_layers=[0, 1])
     x = _images()
     want, got = _outputs(dense, x), _outputs(moe, x)
     for key in ("sequence_output", "pooled_output"):
@@ -195,15 +202,7 @@ def test_non_default_keras_hub_options_upcycle_exactly():
         layer_norm_epsilon=1e-3,
     )
     dense = _hub_backbone(**options)
-    moe = upcycle(
-        dense,
-        router="softmax_token_choice",
-        num_experts=1,
-        moe_layers="all",
-        router_config=KEEP_ALL["softmax_token_choice"],
-        group_size=2,
-        seed=0,
-    )
+    moe = _one_expert(dense, "softmax_token_choice")
     assert not moe.use_class_token and moe.pooling == "gap"
     assert moe.layer_norm_epsilon == 1e-3
     assert moe.layout.patch_grid == (4, 4)
@@ -237,18 +236,8 @@ def test_keras_hub_classifier_gap_with_class_token_fails_naming_pooling():
 
 
 def test_keras_hub_classifier_keeps_its_logits():
-    classifier = keras_hub.models.ViTImageClassifier(
-        _hub_backbone(), num_classes=3, intermediate_dim=8
-    )
-    _randomize(classifier, seed=3)
-    moe = upcycle(
-        classifier,
-        router="softmax_expert_choice",
-        num_experts=1,
-        moe_layers="all",
-        router_config=KEEP_ALL["softmax_expert_choice"],
-        group_size=2,
-    )
+    classifier = _hub_classifier()
+    moe = _one_expert(classifier, "softmax_expert_choice")
     assert isinstance(moe, VisionMoEImageClassifier)
     assert moe.representation_size == 8 and moe.num_classes == 3
     x = _images()
@@ -261,23 +250,12 @@ def test_classifier_preprocessor_carries_over():
     # images the same way, so with one expert that keeps every token its
     # preprocessed logits on 24x20 float images equal the dense ones.
     converter = keras_hub.layers.ImageConverter(image_size=(16, 16), scale=1 / 255)
-    classifier = keras_hub.models.ViTImageClassifier(
-        _hub_backbone(),
-        num_classes=3,
-        intermediate_dim=8,
+    classifier = _hub_classifier(
         preprocessor=keras_hub.models.ImageClassifierPreprocessor(
             image_converter=converter
-        ),
+        )
     )
-    _randomize(classifier, seed=3)
-    moe = upcycle(
-        classifier,
-        router="softmax_expert_choice",
-        num_experts=1,
-        moe_layers="all",
-        router_config=KEEP_ALL["softmax_expert_choice"],
-        group_size=2,
-    )
+    moe = _one_expert(classifier, "softmax_expert_choice")
     ours = moe.preprocessor.image_converter
     assert ours.image_size == (16, 16)
     assert ours.scale == pytest.approx(1 / 255) and ours.offset is None
@@ -376,13 +354,6 @@ def test_keras_hub_preset_folder_upcycles(tmp_path):
     classifier = keras_hub.models.ViTImageClassifier(_hub_backbone(), num_classes=3)
     _randomize(classifier, seed=5)
     classifier.save_to_preset(str(tmp_path / "vit"))
-    moe = upcycle(
-        str(tmp_path / "vit"),
-        router="softmax_token_choice",
-        num_experts=1,
-        moe_layers="all",
-        router_config=KEEP_ALL["softmax_token_choice"],
-        group_size=2,
-    )
+    moe = _one_expert(str(tmp_path / "vit"), "softmax_token_choice")
     x = _images()
     np.testing.assert_allclose(_outputs(moe, x), _outputs(classifier, x), atol=1e-5)
