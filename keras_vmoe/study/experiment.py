@@ -1,6 +1,7 @@
 """`run_study`: every model, every seed, then the report and the pictures."""
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -57,7 +58,55 @@ def study_settings(config, model_names, seeds, data):
     }
 
 
-def run_study(config, model_names=None, seeds=None, output_dir=".", stream=None):
+def mesh_sizes(distribution):
+    """`{axis name: size}` of a distribution's device mesh.
+
+    Example:
+
+    ```python
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "expert"))
+    mesh_sizes(keras.distribution.DataParallel(device_mesh=mesh))
+    # {"batch": 2, "expert": 4}
+    ```
+    """
+    mesh = distribution.device_mesh
+    return {name: int(size) for name, size in zip(mesh.axis_names, mesh.shape)}
+
+
+def format_meshes(meshes):
+    """One line naming each model's device mesh, for the study's log.
+
+    Args:
+        meshes: dict `{model name: {axis name: size}}` (`mesh_sizes`).
+
+    Returns:
+        str. Models on the same mesh share one entry.
+
+    Example:
+    >>> format_meshes({"dense": {"batch": 8, "expert": 1},
+    ...                "soft": {"batch": 2, "expert": 4},
+    ...                "sinkhorn": {"batch": 2, "expert": 4}})
+    'Device mesh (8 devices): dense batch=8 x expert=1; soft, sinkhorn batch=2 x expert=4.'
+    """
+    by_mesh = {}
+    devices = 0
+    for name, sizes in meshes.items():
+        devices = max(devices, math.prod(sizes.values()))
+        text = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+        by_mesh.setdefault(text, []).append(name)
+    parts = [f"{', '.join(names)} {text}" for text, names in by_mesh.items()]
+    plural = "s" if devices != 1 else ""
+    return f"Device mesh ({devices} device{plural}): {'; '.join(parts)}."
+
+
+def run_study(
+    config,
+    model_names=None,
+    seeds=None,
+    output_dir=".",
+    stream=None,
+    distributions=None,
+):
     """Trains and evaluates every model with every seed and writes the report.
 
     Args:
@@ -68,6 +117,13 @@ def run_study(config, model_names=None, seeds=None, output_dir=".", stream=None)
             `config.seeds`.
         output_dir: str. Existing, writable directory for the outputs.
         stream: file. Progress and table output. Defaults to `sys.stdout`.
+        distributions: dict or None. `{model name: keras.distribution.
+            Distribution}` (JAX): each model named is built, trained and
+            evaluated in its distribution's scope (e.g. a `ModelParallel`
+            on a `(batch, expert)` device mesh; `keras-vmoe study` plans
+            them), the others as they are. The meshes are printed and saved
+            in `results.json` (`settings["meshes"]`). Defaults to `None`
+            (no distribution: one device).
 
     Returns:
         dict with `settings`, `summary`, `comparisons` (paired differences
@@ -91,6 +147,11 @@ def run_study(config, model_names=None, seeds=None, output_dir=".", stream=None)
     config.validate()
     data = load_study_data(config)
     settings = study_settings(config, model_names, seeds, data)
+    distributions = {
+        name: d for name, d in (distributions or {}).items() if name in model_names
+    }
+    if distributions:
+        settings["meshes"] = {name: mesh_sizes(d) for name, d in distributions.items()}
 
     def say(text=""):
         print(text, file=stream, flush=True)
@@ -101,6 +162,8 @@ def run_study(config, model_names=None, seeds=None, output_dir=".", stream=None)
         f"{settings['upstream']['dataset']} images, {config.hidden_dim}-wide ViT with "
         f"{config.num_layers} blocks, {config.tokens_per_image} tokens per image."
     )
+    if distributions:
+        say(format_meshes(settings["meshes"]))
     say(settings["equal_compute"]["statement"])
     progress = StudyProgress(len(model_names) * seeds, config.epochs, stream)
     runs, expert_maps = [], {}
@@ -108,7 +171,13 @@ def run_study(config, model_names=None, seeds=None, output_dir=".", stream=None)
         for seed in range(seeds):
             progress.start_run(model_name, seed)
             run = train_and_evaluate(
-                config, model_name, seed, data, progress, routing_maps=seed == 0
+                config,
+                model_name,
+                seed,
+                data,
+                progress,
+                routing_maps=seed == 0,
+                distribution=distributions.get(model_name),
             )
             progress.end_run()
             runs.append(run)

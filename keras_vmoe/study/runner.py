@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from keras_vmoe.callbacks.routing import moe_layers, tracking_statistics
+from keras_vmoe.distribution import validate_layouts
 from keras_vmoe.evaluation import (
     fewshot_linear_accuracy,
     model_group_size,
@@ -60,6 +61,35 @@ class RoutingStatisticsAverager(keras.callbacks.Callback):
             layer: {name: total / self.batches for name, total in sums.items()}
             for layer, sums in self.sums.items()
         }
+
+
+def check_model_layout(model, distribution):
+    """Raises unless every weight of `model` is laid out as `distribution` intends.
+
+    For a `keras.distribution.ModelParallel` (its layout map): a weight that
+    no key of the map matches (Keras would replicate it silently), or whose
+    live array is not sharded as the map says, raises a `ValueError`
+    (`keras_vmoe.distribution.validate_layouts`). Other distributions (or
+    `None`) lay out nothing per weight and are not checked.
+
+    Args:
+        model: a built `keras.Model`.
+        distribution: `keras.distribution.Distribution` or None.
+
+    Example (JAX):
+
+    ```python
+    distribution = keras.distribution.ModelParallel(
+        layout_map=get_layout_map(mesh), batch_dim_name="batch")
+    with distribution.scope():
+        model = build_model(QUICK, "soft", num_classes=10)
+    check_model_layout(model, distribution)  # raises if a weight is off
+    ```
+    """
+    # `ModelParallel` keeps its layout map in `_layout_map` (no public getter).
+    layout_map = getattr(distribution, "_layout_map", None)
+    if layout_map is not None:
+        validate_layouts(model, layout_map)
 
 
 def build_model(config, model_name, num_classes):
@@ -207,7 +237,13 @@ def _mean_over_layers(stats, name):
 
 
 def train_and_evaluate(
-    config, model_name, seed, data, progress=None, routing_maps=True
+    config,
+    model_name,
+    seed,
+    data,
+    progress=None,
+    routing_maps=True,
+    distribution=None,
 ):
     """Trains one model of the study and evaluates it.
 
@@ -222,6 +258,14 @@ def train_and_evaluate(
             forward pass, several seconds for a sparse router on a CPU).
             Soft MoE runs the pass anyway, for its dispatch sharpness.
             Defaults to `True`.
+        distribution: `keras.distribution.Distribution` or None. The model
+            is built, trained and evaluated in its `scope()` (JAX), e.g. a
+            `ModelParallel` on a `(batch, expert)` device mesh whose layout
+            map shards the experts; its layout is checked on the live
+            weights before training (`check_model_layout`). The training
+            and evaluation batches should split into whole routing groups
+            per batch shard. Defaults to `None` (the current distribution,
+            usually none: one device).
 
     Returns:
         dict: `model`, `seed`, `test_accuracy`, `fewshot` (`{shot: acc}`),
@@ -245,9 +289,23 @@ def train_and_evaluate(
     print(result["test_accuracy"], result["fewshot"][10])
     ```
     """
+    if distribution is None:
+        return _train_and_evaluate(
+            config, model_name, seed, data, progress, routing_maps
+        )
+    with distribution.scope():
+        return _train_and_evaluate(
+            config, model_name, seed, data, progress, routing_maps, distribution
+        )
+
+
+def _train_and_evaluate(
+    config, model_name, seed, data, progress, routing_maps, distribution=None
+):
     start = time.perf_counter()
     keras.utils.set_random_seed(seed)
     model = build_model(config, model_name, data.num_classes)
+    check_model_layout(model, distribution)
     steps_per_epoch = len(data.x_train) // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
