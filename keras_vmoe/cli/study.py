@@ -4,12 +4,20 @@
                      [--quick | --scale cpu|gpu] [--dataset NAME|DIR]
                      [--channels 1|3] [--image-size N] [--train-size N]
                      [--test-size N] [--output DIR] [--batch-size B]
+                     [--mesh batch=B,expert=E | --no-distribution]
 
 Trains a small ViT-MoE on Animal-MNIST (or `--dataset`) with each router
 and the dense ViT over several seeds, then prints and saves test accuracy,
 few-shot transfer to digits, throughput, FLOPs, routing sharpness, the
 paired differences against the dense ViT and Softmax Token Choice with
 their intervals, and the verdict those intervals allow, with plots.
+
+On the JAX backend with several local devices each model trains on all of
+them, on a `(batch, expert)` device mesh (`keras.distribution`, the layout
+map of `keras_vmoe.distribution`): the MoE models on the mesh `plan_mesh`
+of `keras-vmoe train` picks (or `--mesh`), the dense ViT, which has no
+experts to shard, data parallel over the same devices (`batch=B*E`).
+`--no-distribution` runs on one device; with one device nothing changes.
 """
 
 import contextlib
@@ -93,6 +101,158 @@ def add_arguments(parser):
         help=f"Training batch size, a multiple of the routing group (default "
         f"{study_config.DEFAULT.batch_size}; --quick: {study_config.QUICK.batch_size}).",
     )
+    add_distribution_arguments(parser)
+
+
+def add_distribution_arguments(parser):
+    """Adds `--mesh` and `--no-distribution` (own group)."""
+    group = parser.add_argument_group(
+        "distribution (JAX)",
+        "Devices of one process; by default every local device when there are several.",
+    )
+    group.add_argument(
+        "--mesh",
+        metavar="batch=B,expert=E",
+        help="Device mesh of the MoE models (default: expert axis as large as "
+        "the experts and the devices allow, batch axis the rest). The dense "
+        "ViT has no experts: it is data parallel over the same devices "
+        "(batch=B*E). Each batch shard of the training and evaluation "
+        "batches must hold whole routing groups.",
+    )
+    group.add_argument(
+        "--no-distribution",
+        action="store_true",
+        help="Train and evaluate every model on one device (no device mesh).",
+    )
+
+
+def mesh_flags(args):
+    """`parse_mesh(--mesh)` or None, checked against the other flags.
+
+    Raises `UsageError` for a malformed `--mesh`, `--mesh` with
+    `--no-distribution`, or `--mesh` on a backend other than JAX. Needs no
+    device.
+
+    Example:
+    >>> import argparse
+    >>> mesh_flags(argparse.Namespace(mesh="expert=4,batch=2",
+    ...                               no_distribution=False))
+    {'batch': 2, 'expert': 4}
+    """
+    import keras
+
+    from keras_vmoe.cli.errors import UsageError
+    from keras_vmoe.cli.train_distribution import parse_mesh
+
+    text = getattr(args, "mesh", None)
+    spec = parse_mesh(text) if text else None
+    if spec is not None and getattr(args, "no_distribution", False):
+        raise UsageError("--no-distribution cannot go with --mesh.")
+    if spec is not None and keras.backend.backend() != "jax":
+        raise UsageError(
+            "--mesh needs the JAX backend (keras.distribution shards on JAX only)."
+        )
+    return spec
+
+
+def plan_meshes(config, num_devices, spec=None):
+    """The `{"batch": B, "expert": E}` mesh of each model of a study, checked.
+
+    MoE models get `plan_mesh` of `keras-vmoe train` (with `spec`, or the
+    expert axis as large as divides the experts and the devices). The
+    dense ViT has no experts: on an expert axis its every weight and its
+    whole computation would be repeated on each device of a batch row, so
+    it is data parallel over all the devices instead (`batch=B*E`). Raises
+    `UsageError`, naming the model, when a mesh would replicate the
+    experts, when its expert axis does not divide them, or when the
+    training (`batch_size`) or evaluation (`eval_batch_size`) batch does
+    not split into batch shards of whole routing groups of the model.
+
+    Args:
+        config: `StudyConfig` (its `models`).
+        num_devices: int. Devices of the process.
+        spec: dict or None. `parse_mesh(--mesh)`. Defaults to `None` (auto).
+
+    Returns:
+        dict `{model name: {"batch": B, "expert": E}}`.
+
+    Example (the quick study, 4 experts, sparse groups of 2 images, Soft
+    MoE groups of 1, batches of 32 and 128, on 8 devices):
+    >>> from keras_vmoe.study import QUICK
+    >>> config = QUICK.replace(models=("dense", "softmax_token_choice"))
+    >>> plan_meshes(config, 8)
+    {'dense': {'batch': 8, 'expert': 1}, 'softmax_token_choice': {'batch': 2, 'expert': 4}}
+    >>> plan_meshes(config, 8, {"batch": 4, "expert": 2})["dense"]
+    {'batch': 8, 'expert': 1}
+    """
+    from keras_vmoe.cli.errors import UsageError
+    from keras_vmoe.cli.train_distribution import plan_mesh
+
+    if spec is not None and spec["batch"] * spec["expert"] != num_devices:
+        raise UsageError(
+            f"--mesh batch={spec['batch']},expert={spec['expert']} has "
+            f"{spec['batch'] * spec['expert']} devices; this machine has "
+            f"{num_devices}."
+        )
+    meshes = {}
+    for name in config.models:
+        group = config.images_per_group(name)
+        experts = None if name == study_config.DENSE else config.num_experts
+        own = spec
+        if experts is None and spec is not None:
+            own = {"batch": num_devices, "expert": 1}
+        try:
+            sizes = plan_mesh(
+                num_devices, num_devices, experts, config.batch_size, group, spec=own
+            )
+        except UsageError as error:
+            raise UsageError(f"{name}: {error}") from None
+        unit = sizes["batch"] * group
+        if config.eval_batch_size % unit:
+            raise UsageError(
+                f"{name}: the evaluation batch of {config.eval_batch_size} images "
+                f"must split into {sizes['batch']} batch shards of whole routing "
+                f"groups of {group} images (a multiple of {unit}); give --mesh "
+                "or --no-distribution."
+            )
+        meshes[name] = sizes
+    return meshes
+
+
+def make_distributions(config, spec=None, off=False):
+    """`{model name: keras.distribution.ModelParallel}` of a study, or None.
+
+    None (every model on one device) with `off` (`--no-distribution`), on
+    a backend other than JAX, or with one device and no `spec`. Otherwise
+    each model gets a `ModelParallel` on its mesh of `plan_meshes` over
+    every device of the process, with the layout map of
+    `keras_vmoe.distribution.get_layout_map` (`make_distribution` of
+    `keras-vmoe train`). Starts JAX's device client: call it where the
+    XLA flags of the run are set.
+
+    Args:
+        config: `StudyConfig`.
+        spec: dict or None. `parse_mesh(--mesh)`. Defaults to `None`.
+        off: bool. `--no-distribution`. Defaults to `False`.
+    """
+    import keras
+
+    from keras_vmoe.cli.train_distribution import make_distribution
+
+    if off or keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    num_devices = jax.device_count()
+    if num_devices == 1 and spec is None:
+        return None
+    meshes = plan_meshes(config, num_devices, spec)
+    made = {}
+    for sizes in meshes.values():
+        key = (sizes["batch"], sizes["expert"])
+        if key not in made:
+            made[key] = make_distribution(sizes)[0]
+    return {name: made[s["batch"], s["expert"]] for name, s in meshes.items()}
 
 
 def parse_models(text, default=study_config.DEFAULT_MODELS):
@@ -237,6 +397,7 @@ def run(args):
             f"--batch-size {config.batch_size} exceeds the {train_size} training "
             "images."
         )
+    spec = mesh_flags(args)
     _check_output(args.output)
     _enable_jax_compilation_cache(args.output)
 
@@ -244,8 +405,10 @@ def run(args):
     from keras_vmoe.study.experiment import run_study
 
     with _fast_xla_compilation(args.quick):
+        # Counting the devices starts JAX: after the XLA flags are set.
+        distributions = make_distributions(config, spec, args.no_distribution)
         try:
-            run_study(config, output_dir=args.output)
+            run_study(config, output_dir=args.output, distributions=distributions)
         except DatasetError as error:
             raise UsageError(str(error)) from None
     return 0

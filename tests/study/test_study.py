@@ -365,6 +365,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     out = tmp_path / "study"
     routers = ",".join(m for m in QUICK_MODELS)
     argv = ["study", "--quick", "--routers", routers, "--seeds", str(QUICK_SEEDS)]
+    argv.append("--no-distribution")  # the mesh runs are test_study_distributed.py's
     assert cli.main([*argv, "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     # One progress line per run: which model, seed and epoch, and the time left.
