@@ -320,6 +320,18 @@ expert axis that does not divide the experts, and a `--batch-size` that does
 not split into `B` batch shards of whole routing groups; it then checks
 every live weight against the layout map (`layout_problems`).
 
+**The router study.** `keras-vmoe study` uses every local device the same
+way, in one process: each MoE model trains and is evaluated on the mesh
+`keras-vmoe train` would pick for it (`--mesh batch=B,expert=E` to set it,
+`--no-distribution` for one device), and the dense ViT, which has no
+experts to shard, is data parallel over the same devices (`batch=B*E`; on
+an expert axis each device of a batch row would repeat its whole
+computation). The study prints the meshes and saves them in
+`results.json`; it refuses, naming the model, a mesh that would replicate
+the experts and a training or evaluation batch that does not split into
+batch shards of whole routing groups. Images per second on a mesh are
+those of each model's own mesh.
+
 **One host, several GPUs (or one TPU host).** Nothing changes: run the
 command once. With 8 GPUs and 32 experts the mesh is `batch=1 x expert=8`
 (each GPU holds 4 experts of every MoE layer and a slice of every
