@@ -135,9 +135,12 @@ def mesh_flags(args):
 
     Example:
     >>> import argparse
-    >>> mesh_flags(argparse.Namespace(mesh="expert=4,batch=2",
-    ...                               no_distribution=False))
-    {'batch': 2, 'expert': 4}
+    >>> mesh_flags(argparse.Namespace(mesh=None, no_distribution=False)) is None
+    True
+    >>> mesh_flags(argparse.Namespace(mesh="batch=2", no_distribution=True))
+    Traceback (most recent call last):
+    ...
+    keras_vmoe.cli.errors.UsageError: --no-distribution cannot go with --mesh.
     """
     import keras
 

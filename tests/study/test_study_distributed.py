@@ -196,11 +196,10 @@ def test_the_command_trains_each_model_on_its_mesh(
 
 
 # A tiny study: one sparse router, 64 training images (2 steps of 32), 50
-# test images and a few-shot pool of 70 and test set of 37, evaluated in
-# batches of 64: the test set and the few-shot test set are one short batch
-# (50 = 25 groups of 2, so its rows do not split into whole groups on the 2
-# batch shards: the predict function must still give the same outputs),
-# the few-shot pool a full batch and a padded one. No augmentation: the
+# test images and a few-shot pool and test set of 64 digits each, evaluated
+# in batches of 64: the test set is one short batch (50 images, 25 groups
+# of 2, which do not split into whole groups on the 2 batch shards: the
+# predict function must still give the same outputs). No augmentation: the
 # study augments in a parallel `tf.data` map whose random draws depend on
 # thread timing, so two runs in one process need not see the same images
 # (the mesh has nothing to do with that).
@@ -208,8 +207,8 @@ TINY = QUICK.replace(
     models=(SPARSE,),
     train_size=64,
     test_size=50,
-    fewshot_train_size=70,
-    fewshot_test_size=37,
+    fewshot_train_size=64,
+    fewshot_test_size=64,
     shots=(1, 2),
     fewshot_draws=1,
     eval_batch_size=64,
