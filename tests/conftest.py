@@ -1,7 +1,8 @@
 """Test set-up shared by every test module.
 
 Runs before any test imports JAX or Keras, so that:
-- JAX sees 8 simulated CPU devices (for the distribution tests);
+- JAX sees 8 simulated CPU devices (for the distribution tests) and
+  compiles without LLVM optimisation (faster for tiny programs);
 - JAX keeps compiled programs in a persistent cache between runs;
 - no test can reach the network (only loopback connections are allowed).
 """
@@ -12,9 +13,14 @@ import socket
 os.environ.setdefault("KERAS_BACKEND", "jax")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (
-        _flags + " --xla_force_host_platform_device_count=8"
-    ).strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+# The tests run tiny programs a few times each, so XLA's compilation is
+# most of their time; without LLVM's optimisation passes it costs about a
+# quarter less CPU time (measured on three of the slowest JAX test files:
+# 151 -> 113 CPU seconds, same results).
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 os.environ.setdefault("NO_GCE_CHECK", "true")
