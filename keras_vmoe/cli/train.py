@@ -109,8 +109,22 @@ def run(args, callbacks=None):
         raise usage_error(
             f"the size of {cfg['dataset']}:{cfg['train_split']} is unknown."
         )
-    if cfg["fewshot_list"] and num_processes > 1:
-        raise usage_error("--fewshot is not available with several processes yet.")
+    data_shards = cfg["data_shards"] or num_processes
+    if data_shards % num_processes:
+        raise usage_error(
+            f"--data-shards {data_shards} must be a multiple of the "
+            f"{num_processes} processes (each reads whole data shards)."
+        )
+    if evaluate and num_eval is None:
+        raise usage_error(
+            f"the size of {cfg['dataset']}:{cfg['eval_split']} is unknown."
+        )
+    if evaluate and num_eval < data_shards:
+        raise usage_error(
+            f"the {num_eval} examples of --eval-split cannot fill {data_shards} "
+            "data shards."
+        )
+    cfg["data_shards"] = data_shards  # saved in run.json
     spe, epochs, total, per_pass = plan_steps(cfg, num_train)
 
     import keras
@@ -154,10 +168,13 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
     if placement["layout_map"] is not None:
         run_distribution.check_model_layout(model, placement)
     group = model_group_size(model)
-    if cfg["batch_size"] % group:
+    unit = cfg["data_shards"] * group
+    if cfg["batch_size"] % unit:
+        shards = cfg["data_shards"]
         raise usage_error(
             f"--batch-size {cfg['batch_size']} must be a multiple of the model's "
-            f"routing group of {group} images."
+            f"routing group of {group} images"
+            + (f" times the {shards} data shards ({unit})." if shards > 1 else ".")
         )
     recipe = run_setup.compile_for_run(model, cfg, total)
     image_shape = model_image_shape(model)
@@ -168,6 +185,10 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
             if mesh
             else 256
         )
+        feature_fn = None
+        if num_processes > 1:
+            # Every process takes part in each forward pass on the mesh.
+            feature_fn = run_distribution.sharded_features(placement, group)
         try:
             evaluator = FewShotEvaluator.from_dataset_names(
                 cfg["fewshot_list"],
@@ -177,6 +198,7 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
                 data_dir=cfg["data_dir"],
                 every_n_epochs=cfg["fewshot_every"],
                 batch_size=fewshot_batch,
+                feature_fn=feature_fn,
             )
         except ValueError as e:
             raise usage_error(f"--fewshot: {one_line(e)}") from None
@@ -189,7 +211,8 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
     )
     run_distribution.barrier("keras_vmoe_read_backup")
     if chief:
-        run_outputs.prepare_run_folder(cfg)
+        layout = run_distribution.layout_record(placement)
+        run_outputs.prepare_run_folder(cfg, layout)
         run_outputs.truncate_csv(os.path.join(out, "log.csv"), start)
     run_distribution.barrier("keras_vmoe_run_folder")
 
@@ -198,12 +221,15 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
         cfg, image_shape, per_pass, start * spe, num_train, shard=shard
     )
     validation = None
-    if evaluate and mesh is not None:
-        validation = run_setup.sharded_validation_data(
-            cfg, image_shape, group, num_eval, shard, mesh["batch"]
+    if evaluate:
+        validation = run_setup.validation_data(
+            cfg,
+            image_shape,
+            group,
+            num_eval,
+            shard=shard,
+            mesh_batch=mesh["batch"] if mesh is not None else 1,
         )
-    elif evaluate:
-        validation = run_setup.validation_data(cfg, image_shape, group)
 
     # === Callbacks ===
     monitor = "val_accuracy" if evaluate else "accuracy"
