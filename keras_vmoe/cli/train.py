@@ -10,7 +10,8 @@ applied; it is compiled by `compile_with_recipe` (V-MoE recipe, or Soft MoE
 for Soft MoE presets) and trained with `fit()` and a progress bar.
 `--output` then holds:
 
-    run.json              the run's arguments (`--resume` reuses them)
+    run.json              the run's arguments and device layout (`--resume`
+                          reuses them)
     history.json          per-epoch logs (loss, accuracy, val_*, learning_rate,
                           routing/..., fewshot/...)
     log.csv               the same, from keras.callbacks.CSVLogger
@@ -25,13 +26,18 @@ expert)` mesh (`--mesh`, `--no-distribution`), and one process per host
 with `--coordinator HOST:PORT --num-processes N --process-id I`
 (`keras_vmoe.cli.train_distribution`); `backup/` and the best weights are
 then Orbax checkpoints (`checkpoints/best/<epoch>/`) written shard by shard,
-and process 0 alone writes the logs and the preset.
+and process 0 alone writes the logs and the preset. Each process reads
+only its own `--data-shards` (contiguous blocks of the splits; one per
+process by default) and feeds its rows of every batch; validation and
+few-shot features are computed by all processes together, on the mesh.
 
 Resuming is exact: the backup holds the weights, the optimizer and the
-random-seed states, and the input stream is a function of the seed and the
-position in the run only (pass `p` of the training split is shuffled and
-augmented with a seed derived from `--seed` and `p`), so `--resume` starts
-the stream where the interrupted run's last completed epoch left it.
+random-seed states, and the input stream is a function of the seed, the
+data shards and the position in the run only (pass `p` over data shard `m`
+is shuffled and augmented with a seed derived from `--seed`, `p` and `m`),
+so `--resume` starts the stream where the interrupted run's last completed
+epoch left it, on the same device layout (saved in run.json) unless
+`--mesh` moves it.
 
 `run` here puts the steps together: `keras_vmoe.cli.train_arguments` (the
 flags, their checks, the plan of steps), `keras_vmoe.cli.train_setup`
@@ -186,8 +192,9 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
             else 256
         )
         feature_fn = None
-        if num_processes > 1:
-            # Every process takes part in each forward pass on the mesh.
+        if mesh is not None:
+            # One forward pass on the mesh per batch, which every process
+            # takes part in (no process can run the sharded model alone).
             feature_fn = run_distribution.sharded_features(placement, group)
         try:
             evaluator = FewShotEvaluator.from_dataset_names(
