@@ -223,6 +223,10 @@ class RollCall:
         self._server.listen(64)
         threading.Thread(target=self._serve, daemon=True).start()
 
+    def close(self):
+        """Stops listening (claims already held stay until they end)."""
+        self._server.close()
+
     def _serve(self):
         while True:
             try:

@@ -276,7 +276,7 @@ def test_validation_pads_each_data_shard_to_whole_groups():
 
 
 def test_roll_call_refuses_a_second_process_with_the_same_id():
-
+    # Process 0's roll call (on the coordinator's port + 1) for 3 processes.
     port = free_ports()
     roll_call = dist.RollCall(port + 1, num_processes=3)
     coordinator = f"127.0.0.1:{port}"
@@ -299,9 +299,10 @@ def test_roll_call_refuses_a_second_process_with_the_same_id():
     for _ in range(100):
         if 1 not in roll_call.held:
             break
-        threading.Event().wait(0.05)
+        time.sleep(0.05)
     dist.claim_process_id(coordinator, 3, 1, deadline)
     dist._held_claim.pop().close()
+    roll_call.close()
 
 
 def test_a_second_process_zero_is_refused():
