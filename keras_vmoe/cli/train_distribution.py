@@ -201,6 +201,14 @@ class RollCall:
     Args:
         port: int. The port to listen on (the coordinator's + 1).
         num_processes: int. Processes of the cluster.
+
+    Example:
+
+    ```python
+    roll_call = RollCall(1235, num_processes=2)  # process 0, --coordinator :1234
+    # process 1, elsewhere, before jax.distributed.initialize:
+    claim_process_id("host0:1234", 2, 1, deadline=time.monotonic() + 120)
+    ```
     """
 
     def __init__(self, port, num_processes):
@@ -277,9 +285,17 @@ _held_claim = []  # the socket that holds this process's claim, while it runs
 def claim_process_id(coordinator, num_processes, process_id, deadline):
     """Claims `process_id` at process 0's `RollCall` before joining JAX.
 
-    Retries until process 0 listens or `deadline` (`time.monotonic()`)
-    passes (then returns: the watchdog of `initialize_processes` reports
-    it). Raises `UsageError` when process 0 refuses the claim.
+    Retries until process 0 listens or `deadline` passes (then returns: the
+    watchdog of `initialize_processes` reports it). The claim is held until
+    this process ends. Raises `UsageError` when process 0 refuses it: the
+    id is held by another process, or outside process 0's cluster.
+
+    Args:
+        coordinator: str. `HOST:PORT` of process 0 (the roll call is on
+            `PORT + 1`).
+        num_processes: int. This process's `--num-processes`.
+        process_id: int. This process's `--process-id`.
+        deadline: float. `time.monotonic()` after which to stop trying.
     """
     import socket
     import time
@@ -736,13 +752,26 @@ def layout_record(placement):
 
 
 def resumed_layout(cfg, mesh_spec, off, multi):
-    """`(mesh_spec, off, saved mesh)` of a run, the saved layout applied.
+    """`(mesh spec, no distribution, reused layout)`, the saved layout applied.
 
     On `--resume` without `--mesh` or `--no-distribution`, the run goes
     on with the layout run.json saved: one device when it trained on one
     (its backup holds whole weights), else the same mesh (its Orbax backup
-    is read into it). Given flags win. The third value is the saved mesh
-    when it was reused (its device count is checked once JAX runs).
+    is read into it). Given flags win. The third value is the saved layout
+    when its mesh was reused (its device count is checked once JAX runs).
+
+    Args:
+        cfg: dict. The run's settings (`resume`, `output`, and `layout`
+            from run.json).
+        mesh_spec: dict or None. `parse_mesh(--mesh)`.
+        off: bool. `--no-distribution`.
+        multi: bool. Several processes were asked for.
+
+    Example:
+    >>> saved = {"mesh": None, "num_devices": 1, "num_processes": 1}
+    >>> resumed_layout({"resume": True, "output": "run", "layout": saved},
+    ...                None, False, False)
+    (None, True, None)
     """
     saved = cfg.get("layout") if cfg.get("resume") else None
     if not isinstance(saved, dict) or mesh_spec is not None or off:

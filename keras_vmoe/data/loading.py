@@ -142,6 +142,14 @@ def block_bounds(num_examples, index, count):
     blocks of `count` nest in those of any divisor of `count` (the first two
     of four blocks make the first of two).
 
+    Args:
+        num_examples: int. Records in the split.
+        index: int. The block, `0 .. count - 1`.
+        count: int. Number of blocks.
+
+    Returns:
+        `(start, stop)`, ints.
+
     Example:
     >>> [block_bounds(10, i, 4) for i in range(4)]
     [(0, 2), (2, 5), (5, 7), (7, 10)]
