@@ -28,8 +28,9 @@ lint: setup
 	$(PY) -m ruff check keras_vmoe tests benchmarks guides
 	$(PY) -m ruff format --check keras_vmoe tests benchmarks guides
 
-# The multi-process training tests (two JAX processes of 4 simulated CPU
-# devices each, a kill and --resume, bad process settings): not in `make test`.
+# The multi-process training tests alone (two JAX processes of 4 simulated
+# CPU devices each, killed and resumed; bad process settings). `make test`
+# runs them too, on its JAX backend.
 test-multiprocess: setup
 	KERAS_BACKEND=jax $(PY) -m pytest -q -m multiprocess tests/cli/test_train_distributed.py
 

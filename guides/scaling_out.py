@@ -351,18 +351,36 @@ The variables of `keras.distribution.initialize` work too
 (`KERAS_DISTRIBUTION_JOB_ADDRESSES`, whose first address is the
 coordinator, `KERAS_DISTRIBUTION_NUM_PROCESSES`,
 `KERAS_DISTRIBUTION_PROCESS_ID`), and under SLURM or Open MPI
-`--coordinator auto` lets JAX discover all three. The processes first
-check that they agree on the run's arguments; a process that cannot join
-(a wrong address, a wrong `--num-processes`, two processes with the same
-`--process-id`) stops with one line after `--distributed-timeout` seconds
-(default 120) instead of waiting. Each process reads and augments only its
-rows of every global batch; the metrics are computed over the whole batch,
-and process 0 alone writes the logs and the trained preset. `--output` must
-be on a file system every host sees: the backups (`backup/`, for
-`--resume`) and the best weights (`checkpoints/best/`) are Orbax
-checkpoints in which each process writes the shards it holds, so no host
-ever gathers the model (only the final preset is gathered, onto process 0).
-`--resume` on every host continues a run after a host was lost.
+`--coordinator auto` lets JAX discover all three. Process 0 listens on
+`PORT` (JAX's coordination service) and on `PORT + 1`, where every other
+process claims its `--process-id` before it joins: a second process with
+the same id stops at once with a clear error, instead of making JAX abort
+the whole cluster. The processes then check that they agree on the run's
+arguments; a process that cannot join (a wrong address, a wrong
+`--num-processes`) stops with one line after `--distributed-timeout`
+seconds (default 120) instead of waiting.
+
+**Who reads what.** The training and evaluation splits are cut into
+`--data-shards` contiguous blocks (one per process by default), and every
+batch takes an equal block of rows from each. A process reads, decodes and
+augments only the records of its own blocks (a TFDS slice such as
+`train[640583:1281167]`), which are exactly its rows of every global batch.
+The batches depend on the seed and the data shards, not on the devices:
+one process with `--data-shards 8` trains on the same batches as eight
+hosts, which is how the tests check that a two-process run equals a
+one-process one. The loss, the metrics, the validation and the few-shot
+features are computed over all processes (the few-shot sets are small and
+every process reads them whole; each feature batch is one forward pass on
+the mesh), and process 0 alone writes the logs and the trained preset.
+
+**Checkpoints and resuming.** `--output` must be on a file system every
+host sees: the backups (`backup/`, for `--resume`) and the best weights
+(`checkpoints/best/`) are Orbax checkpoints in which each process writes
+the shards it holds, so no host ever gathers the model (only the final
+preset is gathered, onto process 0). `--resume` on every host continues a
+run after a host was lost, on the device layout that `run.json` records
+(one device, or the mesh); `--mesh` moves it to other devices, whose
+shards Orbax reads from the same backup.
 
 **A TPU pod slice.** Run the same command on every host of the slice with
 `--coordinator auto` (Cloud TPU tells JAX the hosts) and `--output` on a

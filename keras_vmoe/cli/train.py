@@ -10,7 +10,8 @@ applied; it is compiled by `compile_with_recipe` (V-MoE recipe, or Soft MoE
 for Soft MoE presets) and trained with `fit()` and a progress bar.
 `--output` then holds:
 
-    run.json              the run's arguments (`--resume` reuses them)
+    run.json              the run's arguments and device layout (`--resume`
+                          reuses them)
     history.json          per-epoch logs (loss, accuracy, val_*, learning_rate,
                           routing/..., fewshot/...)
     log.csv               the same, from keras.callbacks.CSVLogger
@@ -25,13 +26,18 @@ expert)` mesh (`--mesh`, `--no-distribution`), and one process per host
 with `--coordinator HOST:PORT --num-processes N --process-id I`
 (`keras_vmoe.cli.train_distribution`); `backup/` and the best weights are
 then Orbax checkpoints (`checkpoints/best/<epoch>/`) written shard by shard,
-and process 0 alone writes the logs and the preset.
+and process 0 alone writes the logs and the preset. Each process reads
+only its own `--data-shards` (contiguous blocks of the splits; one per
+process by default) and feeds its rows of every batch; validation and
+few-shot features are computed by all processes together, on the mesh.
 
 Resuming is exact: the backup holds the weights, the optimizer and the
-random-seed states, and the input stream is a function of the seed and the
-position in the run only (pass `p` of the training split is shuffled and
-augmented with a seed derived from `--seed` and `p`), so `--resume` starts
-the stream where the interrupted run's last completed epoch left it.
+random-seed states, and the input stream is a function of the seed, the
+data shards and the position in the run only (pass `p` over data shard `m`
+is shuffled and augmented with a seed derived from `--seed`, `p` and `m`),
+so `--resume` starts the stream where the interrupted run's last completed
+epoch left it, on the same device layout (saved in run.json) unless
+`--mesh` moves it.
 
 `run` here puts the steps together: `keras_vmoe.cli.train_arguments` (the
 flags, their checks, the plan of steps), `keras_vmoe.cli.train_setup`
@@ -109,8 +115,22 @@ def run(args, callbacks=None):
         raise usage_error(
             f"the size of {cfg['dataset']}:{cfg['train_split']} is unknown."
         )
-    if cfg["fewshot_list"] and num_processes > 1:
-        raise usage_error("--fewshot is not available with several processes yet.")
+    data_shards = cfg["data_shards"] or num_processes
+    if data_shards % num_processes:
+        raise usage_error(
+            f"--data-shards {data_shards} must be a multiple of the "
+            f"{num_processes} processes (each reads whole data shards)."
+        )
+    if evaluate and num_eval is None:
+        raise usage_error(
+            f"the size of {cfg['dataset']}:{cfg['eval_split']} is unknown."
+        )
+    if evaluate and num_eval < data_shards:
+        raise usage_error(
+            f"the {num_eval} examples of --eval-split cannot fill {data_shards} "
+            "data shards."
+        )
+    cfg["data_shards"] = data_shards  # saved in run.json
     spe, epochs, total, per_pass = plan_steps(cfg, num_train)
 
     import keras
@@ -154,10 +174,13 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
     if placement["layout_map"] is not None:
         run_distribution.check_model_layout(model, placement)
     group = model_group_size(model)
-    if cfg["batch_size"] % group:
+    unit = cfg["data_shards"] * group
+    if cfg["batch_size"] % unit:
+        shards = cfg["data_shards"]
         raise usage_error(
             f"--batch-size {cfg['batch_size']} must be a multiple of the model's "
-            f"routing group of {group} images."
+            f"routing group of {group} images"
+            + (f" times the {shards} data shards ({unit})." if shards > 1 else ".")
         )
     recipe = run_setup.compile_for_run(model, cfg, total)
     image_shape = model_image_shape(model)
@@ -168,6 +191,11 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
             if mesh
             else 256
         )
+        feature_fn = None
+        if mesh is not None:
+            # One forward pass on the mesh per batch, which every process
+            # takes part in (no process can run the sharded model alone).
+            feature_fn = run_distribution.sharded_features(placement, group)
         try:
             evaluator = FewShotEvaluator.from_dataset_names(
                 cfg["fewshot_list"],
@@ -177,6 +205,7 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
                 data_dir=cfg["data_dir"],
                 every_n_epochs=cfg["fewshot_every"],
                 batch_size=fewshot_batch,
+                feature_fn=feature_fn,
             )
         except ValueError as e:
             raise usage_error(f"--fewshot: {one_line(e)}") from None
@@ -189,7 +218,8 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
     )
     run_distribution.barrier("keras_vmoe_read_backup")
     if chief:
-        run_outputs.prepare_run_folder(cfg)
+        layout = run_distribution.layout_record(placement)
+        run_outputs.prepare_run_folder(cfg, layout)
         run_outputs.truncate_csv(os.path.join(out, "log.csv"), start)
     run_distribution.barrier("keras_vmoe_run_folder")
 
@@ -198,12 +228,15 @@ def _run(cfg, placement, callbacks, num_train, num_eval, plan, chief, evaluate, 
         cfg, image_shape, per_pass, start * spe, num_train, shard=shard
     )
     validation = None
-    if evaluate and mesh is not None:
-        validation = run_setup.sharded_validation_data(
-            cfg, image_shape, group, num_eval, shard, mesh["batch"]
+    if evaluate:
+        validation = run_setup.validation_data(
+            cfg,
+            image_shape,
+            group,
+            num_eval,
+            shard=shard,
+            mesh_batch=mesh["batch"] if mesh is not None else 1,
         )
-    elif evaluate:
-        validation = run_setup.validation_data(cfg, image_shape, group)
 
     # === Callbacks ===
     monitor = "val_accuracy" if evaluate else "accuracy"

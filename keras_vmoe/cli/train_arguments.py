@@ -43,6 +43,7 @@ DEFAULTS = {
     "shots": DEFAULT_SHOTS,
     "fewshot_every": 1,
     "seed": 0,
+    "data_shards": None,
     "data_dir": None,
     "tensorboard": False,
     "lr_schedule": "restart",
@@ -93,6 +94,14 @@ def add_arguments(parser):
     a("--shots", help=f"Few-shot shots per class (default {DEFAULT_SHOTS}).")
     a("--fewshot-every", type=int, help="Few-shot every n epochs (default 1).")
     a("--seed", type=int, help="Initialisation, noise and data seed (default 0).")
+    a(
+        "--data-shards",
+        type=int,
+        help="Contiguous blocks of the training and evaluation splits that "
+        "feed every batch, a multiple of the processes, each of which reads "
+        "only its own blocks (default: one per process). A run's batches "
+        "depend on it, not on its devices or processes.",
+    )
     a("--data-dir", help="TFDS data directory.")
     a(
         "--tensorboard",
@@ -154,13 +163,17 @@ def _parse_overrides(items):
 
 
 def resolve_settings(args):
-    """The run's settings: defaults < run.json (on --resume) < the command line."""
+    """The run's settings: defaults < run.json (on --resume) < the command line.
+
+    On `--resume`, `cfg["layout"]` is the device layout saved in run.json
+    (`keras_vmoe.cli.train_distribution.layout_record`), else `None`.
+    """
     given = {k: getattr(args, k, None) for k in DEFAULTS}
     given = {k: v for k, v in given.items() if v is not None}
     if args.resume and args.overwrite:
         raise usage_error("give --resume or --overwrite, not both.")
     output = args.output
-    saved = None
+    saved = saved_layout = None
     if args.resume:
         if output is None:
             raise usage_error("--resume needs the --output folder of the run.")
@@ -169,8 +182,10 @@ def resolve_settings(args):
             raise usage_error(f"nothing to resume: {path!r} does not exist.")
         try:
             with open(path, encoding="utf-8") as f:
-                saved = json.load(f)["arguments"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+                record = json.load(f)
+            saved = record["arguments"]
+            saved_layout = record.get("layout")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise usage_error(f"cannot read {path!r}: {one_line(e)}") from None
         changed = sorted(k for k, v in given.items() if k in saved and saved[k] != v)
         if changed:
@@ -192,6 +207,7 @@ def resolve_settings(args):
         ("image_size", 1),
         ("fewshot_every", 1),
         ("seed", 0),
+        ("data_shards", 1),
     ):
         if cfg[key] is not None and cfg[key] < minimum:
             flag = "--" + key.replace("_", "-")
@@ -239,6 +255,8 @@ def resolve_settings(args):
             raise usage_error(f"the run in {output!r} has finished; nothing to resume.")
     cfg["output"] = output
     cfg["resume"] = bool(args.resume)
+    # The devices the run last trained on (`keras_vmoe.cli.train_distribution`).
+    cfg["layout"] = saved_layout
     cfg["verbose"] = args.verbose
     return cfg
 

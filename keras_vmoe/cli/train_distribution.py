@@ -7,19 +7,27 @@ a host: its all-to-alls stay on the host's interconnect), the batch axis
 takes the rest (data parallelism: gradients are all-reduced over it).
 `--mesh batch=2,expert=4` sets the axes, `--no-distribution` turns it off.
 The layout of the weights is `keras_vmoe.distribution.get_layout_map`.
+run.json keeps the layout a run trained on (`layout_record`), and
+`--resume` reuses it (`resumed_layout`): a one-device run resumes on one
+device, a mesh run on the same mesh, or on another given by `--mesh`.
 
 With `--coordinator HOST:PORT --num-processes N --process-id I` (or the
 `KERAS_DISTRIBUTION_JOB_ADDRESSES`, `KERAS_DISTRIBUTION_NUM_PROCESSES` and
 `KERAS_DISTRIBUTION_PROCESS_ID` variables of `keras.distribution.initialize`)
 one process runs per host on JAX's distributed runtime
-(`jax.distributed.initialize`). Each process then feeds its own rows of
-every global batch (`shard`), and the processes check that they agree on
-the run's settings before anything is trained (`check_agreement`).
+(`jax.distributed.initialize`). Each process then reads only its own data
+shards and feeds its rows of every global batch
+(`keras_vmoe.cli.train_setup.training_stream`), the processes check that
+they agree on the run's settings before anything is trained
+(`check_agreement`), and few-shot features are computed by all of them
+together (`sharded_features`).
 
 Every way of failing to form the cluster (an unreachable coordinator,
 processes that disagree on `--num-processes` or share a `--process-id`)
-ends with a one-line error after `--distributed-timeout` seconds: JAX
-itself would abort the process without a word about the cause, or wait.
+ends with a one-line error: at once when process 0's `RollCall` (on the
+coordinator's port + 1) refuses a second process with the same id, else
+after `--distributed-timeout` seconds. JAX itself would abort the process
+without a word about the cause, or wait.
 """
 
 import hashlib
@@ -42,8 +50,8 @@ def add_distribution_arguments(parser):
     """Adds the device and process flags of `keras-vmoe train` (own group)."""
     group = parser.add_argument_group(
         "distribution (JAX)",
-        "Devices and processes; not saved in run.json (a run may resume on "
-        "other hardware).",
+        "Devices and processes. run.json keeps the device layout, which "
+        "--resume reuses (--mesh moves a run to other devices).",
     )
     a = group.add_argument
     a(
@@ -167,20 +175,187 @@ def _check_port_free(coordinator):
             ) from None
 
 
+def _read_line(conn, limit=4096):
+    """One `\n`-ended line from a socket (at most `limit` bytes)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(256)
+        if not chunk or len(data) > limit:
+            raise ValueError("the roll call's peer closed or sent too much")
+        data += chunk
+    return data.decode()
+
+
+class RollCall:
+    """Process 0's register of the process ids, on the coordinator's port + 1.
+
+    JAX's coordination service takes a second process with the same
+    `--process-id` for a restart of the first and aborts every process of
+    the cluster (a SIGABRT and a C++ stack trace); nothing that has joined
+    can be asked first. So before joining, each other process claims its id
+    here (`claim_process_id`) and holds the claim as long as it runs: a
+    second claim of a held id, or of an id outside the cluster, is refused
+    with a clear error and that process never reaches JAX. Started by
+    process 0 before it joins; it serves until the process ends.
+
+    Args:
+        port: int. The port to listen on (the coordinator's + 1).
+        num_processes: int. Processes of the cluster.
+
+    Example:
+
+    ```python
+    roll_call = RollCall(1235, num_processes=2)  # process 0, --coordinator :1234
+    # process 1, elsewhere, before jax.distributed.initialize:
+    claim_process_id("host0:1234", 2, 1, deadline=time.monotonic() + 120)
+    ```
+    """
+
+    def __init__(self, port, num_processes):
+        import socket
+
+        self.num_processes = num_processes
+        self.held = {0: {"host": socket.gethostname(), "pid": os.getpid()}}
+        self._lock = threading.Lock()
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._server.bind(("0.0.0.0", port))
+        except OSError as e:
+            self._server.close()
+            raise usage_error(
+                f"process 0 cannot listen on port {port} (the roll call of the "
+                f"processes, --coordinator's port + 1) ({e.strerror}): is another "
+                "process running with --process-id 0?"
+            ) from None
+        self._server.listen(64)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self):
+        """Stops listening (claims already held stay until they end)."""
+        self._server.close()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        claimed = None
+        try:
+            conn.settimeout(30)
+            claim = json.loads(_read_line(conn))
+            pid = int(claim["process_id"])
+            with self._lock:
+                if not 0 <= pid < self.num_processes:
+                    reply = {
+                        "error": f"--process-id {pid} is not in the cluster of "
+                        f"process 0, which has {self.num_processes} processes"
+                    }
+                elif pid in self.held:
+                    holder = self.held[pid]
+                    reply = {
+                        "error": f"another process already runs as --process-id "
+                        f"{pid} (host {holder.get('host')}, pid {holder.get('pid')})"
+                    }
+                else:
+                    self.held[pid] = claim
+                    claimed = pid
+                    reply = {"ok": True}
+            conn.sendall((json.dumps(reply) + "\n").encode())
+            if claimed is not None:
+                conn.settimeout(None)
+                while conn.recv(256):  # held until the process ends
+                    pass
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        finally:
+            if claimed is not None:
+                with self._lock:
+                    self.held.pop(claimed, None)
+            conn.close()
+
+
+_held_claim = []  # the socket that holds this process's claim, while it runs
+
+
+def claim_process_id(coordinator, num_processes, process_id, deadline):
+    """Claims `process_id` at process 0's `RollCall` before joining JAX.
+
+    Retries until process 0 listens or `deadline` passes (then returns: the
+    watchdog of `initialize_processes` reports it). The claim is held until
+    this process ends. Raises `UsageError` when process 0 refuses it: the
+    id is held by another process, or outside process 0's cluster.
+
+    Args:
+        coordinator: str. `HOST:PORT` of process 0 (the roll call is on
+            `PORT + 1`).
+        num_processes: int. This process's `--num-processes`.
+        process_id: int. This process's `--process-id`.
+        deadline: float. `time.monotonic()` after which to stop trying.
+    """
+    import socket
+    import time
+
+    host, _, port = coordinator.rpartition(":")
+    host = host.strip("[]")
+    while True:
+        try:
+            conn = socket.create_connection((host, int(port) + 1), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.25)
+    claim = {
+        "process_id": process_id,
+        "num_processes": num_processes,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    try:
+        conn.sendall((json.dumps(claim) + "\n").encode())
+        reply = json.loads(_read_line(conn))
+    except (OSError, ValueError):
+        conn.close()
+        return  # not a roll call; the watchdog reports what follows
+    if not reply.get("ok"):
+        conn.close()
+        raise usage_error(
+            f"process {process_id} cannot join the run at {coordinator}: "
+            f"{reply.get('error')}. Give every process the same --num-processes "
+            "and its own --process-id."
+        )
+    conn.settimeout(None)
+    _held_claim.append(conn)
+
+
 def initialize_processes(coordinator, num_processes, process_id, timeout):
     """Joins JAX's distributed runtime, or ends the process within `timeout` s.
 
     JAX aborts the process (SIGABRT, with a C++ stack trace about
     `RegisterTask`) when the cluster does not form, after its own
     `initialization_timeout`. A watchdog fires first, names the likely
-    causes and exits with status 1.
+    causes and exits with status 1. Before joining, process 0 checks that
+    its port is free and starts the `RollCall` on the next port; every
+    other process claims its id there (`claim_process_id`), so that a
+    second process with the same `--process-id` stops with a clear error
+    instead of making JAX abort the whole cluster.
     """
+    import time
+
     import jax
 
     if jax.distributed.is_initialized():
         return
+    roll_call = coordinator != "auto" and num_processes is not None
     if process_id == 0 and coordinator != "auto":
         _check_port_free(coordinator)
+        if roll_call:
+            RollCall(int(coordinator.rpartition(":")[2]) + 1, num_processes)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     who = "this process" if process_id is None else f"process {process_id}"
     size = "" if num_processes is None else f" of {num_processes} processes"
@@ -192,6 +367,10 @@ def initialize_processes(coordinator, num_processes, process_id, timeout):
         "--num-processes and its own --process-id.",
     )
     try:
+        if roll_call and process_id != 0:
+            claim_process_id(
+                coordinator, num_processes, process_id, time.monotonic() + timeout
+            )
         jax.distributed.initialize(
             coordinator_address=None if coordinator == "auto" else coordinator,
             num_processes=num_processes,
@@ -292,6 +471,83 @@ def check_agreement(settings, num_processes):
             f"--num-processes {num_processes} disagrees with the cluster of "
             f"process 0, which has {jax.process_count()} processes."
         )
+
+
+def sharded_features(placement, group_size, layer_name="pre_logits"):
+    """A `FewShotEvaluator(feature_fn=...)` that runs on the mesh of every process.
+
+    With several processes no process can run the model alone (its weights
+    are sharded across them), so each feature batch is one collective
+    forward pass: every process calls the function with the same batch
+    (each reads the few-shot sets whole; they are small), puts its own
+    slice of the rows on its devices (process `i` of `n`: the `i`-th of
+    `n` equal slices, the rows its devices hold on the mesh's batch axis),
+    and gets the features of the whole batch back (gathered from every
+    process: a `(batch, d)` array, small). The batch, whole routing groups
+    from `keras_vmoe.evaluation.predict_in_groups`, is padded with copies
+    of its last group to whole groups on every batch shard of the mesh;
+    whole groups of padding leave the routing of the others unchanged, and
+    their features are dropped. The features are those of the model's
+    layer `layer_name`, in inference mode.
+
+    Args:
+        placement: dict. The run's placement (`setup`), with a mesh.
+        group_size: int. Images per routing group.
+        layer_name: str. The feature layer. Defaults to `"pre_logits"`.
+
+    Returns:
+        callable `fn(model, images) -> (batch, d)` NumPy features.
+
+    Example:
+
+    ```python
+    evaluator = FewShotEvaluator.from_dataset_names(
+        ["digits"], (8, 8, 1), feature_fn=sharded_features(placement, 2))
+    ```
+    """
+    import jax
+    import keras
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    count, index = placement["num_processes"], placement["process_id"]
+    unit = placement["mesh"]["batch"] * group_size
+    distribution = placement["distribution"]
+    cache = {}
+
+    def features(model, images):
+        if cache.get("model") is not model:
+            layer = model.get_layer(layer_name)
+            inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+            feature_model = keras.Model(inputs, layer.output)
+
+            def forward(trainable, non_trainable, x):
+                y, _ = feature_model.stateless_call(
+                    trainable, non_trainable, x, training=False
+                )
+                return y
+
+            cache.update(model=model, net=feature_model, forward=jax.jit(forward))
+        images = np.asarray(images)
+        n = len(images)
+        size = -(-n // unit) * unit
+        if size > n:  # whole groups of padding: copies of the last group
+            last = images[n - group_size :]
+            images = np.concatenate([images, *[last] * ((size - n) // group_size)])
+        rows = size // count
+        layout = distribution.get_data_layout(images.shape).backend_layout
+        x = jax.make_array_from_process_local_data(
+            layout, images[index * rows : (index + 1) * rows], images.shape
+        )
+        net = cache["net"]
+        y = cache["forward"](
+            [v.value for v in net.trainable_variables],
+            [v.value for v in net.non_trainable_variables],
+            x,
+        )  # (size, d), sharded over the processes
+        return np.asarray(multihost_utils.process_allgather(y, tiled=True))[:n]
+
+    return features
 
 
 # ---------------------------------------------------------------------------
@@ -480,18 +736,76 @@ def check_model_layout(model, placement):
         raise usage_error("the model has no experts to shard on the expert axis.")
 
 
+def layout_record(placement):
+    """The device layout of a run as saved in run.json (`layout`).
+
+    Example:
+    >>> layout_record({"mesh": {"batch": 2, "expert": 4}, "num_devices": 8,
+    ...                "num_processes": 2})
+    {'mesh': {'batch': 2, 'expert': 4}, 'num_devices': 8, 'num_processes': 2}
+    """
+    return {
+        "mesh": placement["mesh"],
+        "num_devices": placement.get("num_devices", 1),
+        "num_processes": placement["num_processes"],
+    }
+
+
+def resumed_layout(cfg, mesh_spec, off, multi):
+    """`(mesh spec, no distribution, reused layout)`, the saved layout applied.
+
+    On `--resume` without `--mesh` or `--no-distribution`, the run goes
+    on with the layout run.json saved: one device when it trained on one
+    (its backup holds whole weights), else the same mesh (its Orbax backup
+    is read into it). Given flags win. The third value is the saved layout
+    when its mesh was reused (its device count is checked once JAX runs).
+
+    Args:
+        cfg: dict. The run's settings (`resume`, `output`, and `layout`
+            from run.json).
+        mesh_spec: dict or None. `parse_mesh(--mesh)`.
+        off: bool. `--no-distribution`.
+        multi: bool. Several processes were asked for.
+
+    Example:
+    >>> saved = {"mesh": None, "num_devices": 1, "num_processes": 1}
+    >>> resumed_layout({"resume": True, "output": "run", "layout": saved},
+    ...                None, False, False)
+    (None, True, None)
+    """
+    saved = cfg.get("layout") if cfg.get("resume") else None
+    if not isinstance(saved, dict) or mesh_spec is not None or off:
+        return mesh_spec, off, None
+    if saved.get("mesh") is None:
+        if multi:
+            raise usage_error(
+                f"the run in {cfg['output']!r} trained on one device (its backup "
+                "holds whole weights): resume it in one process."
+            )
+        return None, True, None
+    return {k: int(saved["mesh"][k]) for k in MESH_AXES}, False, saved
+
+
 def setup(args, cfg):
     """Joins the processes and picks the mesh; returns the run's placement.
 
+    On `--resume`, the layout saved in run.json is reused
+    (`resumed_layout`); a saved mesh whose device count differs from this
+    run's is refused, naming `--mesh`.
+
     Returns:
         dict with `num_processes`, `process_id`, `mesh` (sizes or None),
-        `distribution` and `layout_map` (None without a mesh).
+        `num_devices` (those the run trains on), `distribution` and
+        `layout_map` (None without a mesh).
     """
     import keras
 
     coordinator, num, pid = process_settings(args)
     mesh_spec = parse_mesh(args.mesh) if getattr(args, "mesh", None) else None
     off = bool(getattr(args, "no_distribution", False))
+    mesh_spec, off, reused = resumed_layout(
+        cfg, mesh_spec, off, coordinator is not None
+    )
     timeout = getattr(args, "distributed_timeout", DEFAULT_TIMEOUT)
     if timeout is None or timeout < 1:
         raise usage_error(f"--distributed-timeout must be >= 1, got {timeout}.")
@@ -499,6 +813,7 @@ def setup(args, cfg):
         "num_processes": num,
         "process_id": pid,
         "mesh": None,
+        "num_devices": 1,
         "distribution": None,
         "layout_map": None,
     }
@@ -506,6 +821,8 @@ def setup(args, cfg):
     if off and (mesh_spec is not None or multi):
         raise usage_error("--no-distribution cannot go with --mesh or processes.")
     if keras.backend.backend() != "jax":
+        if reused is not None:
+            mesh_spec = None  # the backup says where it can resume
         if mesh_spec is not None or multi:
             raise usage_error(
                 "--mesh and multi-process runs need the JAX backend "
@@ -533,6 +850,14 @@ def setup(args, cfg):
     import jax
 
     num_devices = jax.device_count()
+    if reused is not None and reused.get("num_devices") != num_devices:
+        mesh = reused["mesh"]
+        raise usage_error(
+            f"the run in {cfg['output']!r} trained on a mesh batch={mesh['batch']} "
+            f"x expert={mesh['expert']} of {reused.get('num_devices')} devices; "
+            f"this run has {num_devices}: give --mesh batch=B,expert=E for "
+            f"{num_devices} devices (the backup is read into it)."
+        )
     if num_devices == 1 and mesh_spec is None:
         return placement
     num_experts, group = model_experts(cfg)
@@ -546,5 +871,10 @@ def setup(args, cfg):
         spec=mesh_spec,
     )
     distribution, layout_map = make_distribution(sizes)
-    placement.update(mesh=sizes, distribution=distribution, layout_map=layout_map)
+    placement.update(
+        mesh=sizes,
+        num_devices=num_devices,
+        distribution=distribution,
+        layout_map=layout_map,
+    )
     return placement

@@ -1,6 +1,7 @@
 """The run folder of `keras-vmoe train`: logs, checkpoints, the trained preset.
 
-    run.json              the run's arguments (`--resume` reuses them)
+    run.json              the run's arguments and device layout (`--resume`
+                          reuses them)
     history.json          per-epoch logs (`HistoryFile`)
     log.csv               the same, from keras.callbacks.CSVLogger
     tensorboard/          the same as TensorBoard scalars (with --tensorboard)
@@ -28,8 +29,14 @@ import keras
 from keras_vmoe.cli.train_arguments import RUN_FILE, run_arguments
 
 
-def prepare_run_folder(cfg):
-    """Creates the run folder; a new run clears an old one and writes run.json."""
+def prepare_run_folder(cfg, layout=None):
+    """Creates the run folder and writes run.json; a new run clears an old one.
+
+    run.json holds the run's arguments (`--resume` reuses them) and, as
+    `layout`, the devices this start of the run trains on
+    (`keras_vmoe.cli.train_distribution.layout_record`), which `--resume`
+    reuses too. It is rewritten atomically on every start.
+    """
     out = cfg["output"]
     os.makedirs(out, exist_ok=True)
     if not cfg["resume"]:
@@ -38,8 +45,13 @@ def prepare_run_folder(cfg):
         for entry in ("history.json", "log.csv"):
             if os.path.exists(os.path.join(out, entry)):
                 os.remove(os.path.join(out, entry))
-        with open(os.path.join(out, RUN_FILE), "w", encoding="utf-8") as f:
-            json.dump({"arguments": run_arguments(cfg)}, f, indent=2)
+    record = {"arguments": run_arguments(cfg)}
+    if layout is not None:
+        record["layout"] = layout
+    path = os.path.join(out, RUN_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
 
 

@@ -7,6 +7,9 @@
 - `load_arrays(name, split, image_size=None, ...)`: NumPy images in [-1, 1].
 - `num_classes(name)` and `eval_crop_fraction(name)`: a dataset's classes
   and its evaluation crop.
+- `split_block(name, split, index, count)`: the TFDS split of one of
+  `count` contiguous blocks of a split (what one process of a multi-process
+  run reads; `block_bounds` gives its records).
 - `train_pipeline(ds, image_size, batch_size, ...)` and `eval_pipeline(...)`:
   `(images, labels)` batches for `model.fit` / `evaluate` on every backend.
 - TFDS builders `AnimalMnist` (`animal_mnist`, 8,000 / 2,000) and `Digits`
@@ -35,10 +38,12 @@ from keras_vmoe.data.bundled import (
 )
 from keras_vmoe.data.loading import (
     DatasetNotPreparedError,
+    block_bounds,
     eval_crop_fraction,
     load,
     load_arrays,
     num_classes,
+    split_block,
 )
 from keras_vmoe.data.pipelines import eval_pipeline, train_pipeline
 
@@ -51,12 +56,14 @@ __all__ = [
     "DatasetNotPreparedError",
     "Digits",
     "SPLIT_SIZES",
+    "block_bounds",
     "bundled_arrays",
     "eval_crop_fraction",
     "eval_pipeline",
     "load",
     "load_arrays",
     "num_classes",
+    "split_block",
     "split_indices",
     "train_pipeline",
 ]

@@ -135,6 +135,89 @@ def load(
         raise DatasetNotPreparedError(_not_prepared_message(name, data_dir)) from e
 
 
+def block_bounds(num_examples, index, count):
+    """`(start, stop)` of block `index` of `count` contiguous blocks.
+
+    Block `i` holds records `i * n // count` to `(i + 1) * n // count`; the
+    blocks of `count` nest in those of any divisor of `count` (the first two
+    of four blocks make the first of two).
+
+    Args:
+        num_examples: int. Records in the split.
+        index: int. The block, `0 .. count - 1`.
+        count: int. Number of blocks.
+
+    Returns:
+        `(start, stop)`, ints.
+
+    Example:
+    >>> [block_bounds(10, i, 4) for i in range(4)]
+    [(0, 2), (2, 5), (5, 7), (7, 10)]
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"block `index` must be in [0, {count}), got {index}.")
+    return index * num_examples // count, (index + 1) * num_examples // count
+
+
+def split_block(name, split, index, count, data_dir=None):
+    """The TFDS split string of block `index` of `count` contiguous blocks of `split`.
+
+    `load(name, split_block(...))` reads only the records of the block:
+    TFDS opens the files that hold them and parses nothing else, so
+    `count` processes that each load their own block read the split once
+    between them. Block `i` holds records `[i * n // count, (i + 1) * n //
+    count)` of the split's `n` (`block_bounds`), in the split's order;
+    `split` may be a slice or a sum (`"train[:64]"`, `"train+test"`).
+
+    Args:
+        name: str. `"animal_mnist"`, `"digits"` or a prepared TFDS dataset.
+        split: str. TFDS split, e.g. `"train"` or `"train[:10%]"`.
+        index: int. The block, `0 .. count - 1`.
+        count: int. Number of blocks.
+        data_dir: str. TFDS data directory. Defaults to `None`.
+
+    Returns:
+        str, a TFDS split of absolute slices (`"train[32:64]"`).
+
+    Example:
+    >>> split_block("digits", "train[:64]", 1, 2)
+    'train[32:64]'
+    >>> split_block("digits", "test[350:]+train[:10]", 0, 2)
+    'test[350:360]'
+    """
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"`count` must be a positive int, got {count!r}.")
+    builder = _builder(name, data_dir)
+    if name in BUILDERS and not builder.is_prepared():
+        _prepare_quietly(builder)
+    splits = builder.info.splits
+    try:
+        parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"Split {split!r} of {name!r}: {e}") from None
+    ranges = []
+    for part in parts:
+        size = splits[part.splitname].num_examples
+        start = 0 if part.from_ is None else part.from_
+        stop = size if part.to is None else part.to
+        ranges.append((part.splitname, start, stop))
+    total = sum(stop - start for _, start, stop in ranges)
+    lo, hi = block_bounds(total, index, count)
+    pieces, offset = [], 0
+    for splitname, start, stop in ranges:
+        # This range holds records offset .. offset + (stop - start) of the split.
+        a = max(lo, offset) - offset + start
+        b = min(hi, offset + stop - start) - offset + start
+        if a < b:
+            pieces.append(f"{splitname}[{a}:{b}]")
+        offset += stop - start
+    if not pieces:
+        raise ValueError(
+            f"Block {index} of {count} of {name}:{split} ({total} examples) is empty."
+        )
+    return "+".join(pieces)
+
+
 def _to_unit_range(images):
     return scale_pixels(images.astype(np.float32))
 

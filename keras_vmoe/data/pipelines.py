@@ -178,7 +178,6 @@ def train_pipeline(
     drop_remainder=True,
     cache=False,
     prefetch=True,
-    shard=None,
 ):
     """Training input pipeline: augment, scale to [-1, 1], batch.
 
@@ -224,11 +223,6 @@ def train_pipeline(
         cache: bool. Cache the decoded examples in memory before shuffling.
             Defaults to `False`.
         prefetch: bool. Prefetch batches. Defaults to `True`.
-        shard: tuple `(index, count)` or None. Keep only the batches
-            `index, index + count, ...` of the shuffled stream, so that
-            `count` processes with `batch_size = global batch / count` each
-            augment and batch only their rows of every global batch (in
-            order, the shards of batch `i` are its rows). Defaults to `None`.
 
     Returns:
         A `tf.data.Dataset` of `(images, labels)`: float32 `(B, h, w, C)` in
@@ -291,12 +285,6 @@ def train_pipeline(
         ds = ds.repeat()
     randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip(ds, randoms)
-    if shard is not None:
-        index, count = (int(v) for v in shard)
-        if not 0 <= index < count:
-            raise ValueError(f"`shard` must be (index, count), got {shard!r}.")
-        ds = ds.enumerate().filter(lambda i, e: i // batch_size % count == index)
-        ds = ds.map(lambda i, e: e)
 
     def augment(element, rnd):
         image, label = element

@@ -224,9 +224,9 @@ def test_train_command_resume_is_exact(tmp_path, capsys):
     # A changed argument is refused on resume; the saved ones are reused.
     assert cli.main(["train", "--output", part, "--resume", "--seed", "4"]) == 2
     assert "--seed differ" in capsys.readouterr().err
-    # The device layout is not a saved argument: a one-device backup resumes
-    # with --no-distribution again (without it, a clear error on JAX).
-    resume = ["train", "--output", part, "--resume", "--no-distribution"]
+    # run.json keeps the device layout: a one-device run resumes on one
+    # device without --no-distribution (on JAX, with 8 simulated devices).
+    resume = ["train", "--output", part, "--resume"]
     assert cli.main([*resume, "--verbose", "0"]) == 0
     assert not os.path.exists(os.path.join(part, "backup"))
 
