@@ -88,6 +88,15 @@ def test_each_model_gets_its_mesh():
             None,
             "dense: --batch-size 36 must split into 8 batch shards",
         ),
+        # Batches of 40 (5 images per shard) in 2 training passes of 20:
+        # 2.5 images on each of the dense ViT's 8 batch shards.
+        (
+            QUICK.replace(batch_size=40, micro_batch_size=20),
+            8,
+            None,
+            "dense: the training batch of 40 images runs in 2 passes of 20 (at "
+            "most micro_batch_size 20), which must split into 8 batch shards",
+        ),
         # 100 evaluation images on 8 batch shards: 12.5 each.
         (
             QUICK.replace(eval_batch_size=100),
