@@ -71,11 +71,12 @@ for name, router_config in plan["router_configs"].items():
 
 From a shell, the study is one command. `--quick` is a smoke test that takes a
 minute or two on a CPU; the default study trains the dense ViT, Softmax
-Token and Expert Choice and Soft MoE with 4 seeds each within about 10
-minutes on 2 CPU cores; `--scale gpu` is a larger study for one GPU:
+Token and Expert Choice and Soft MoE with 4 seeds of 3 epochs each, sized
+for `make demo`'s 10-minute budget on 2 CPU cores; `--scale gpu` is a
+larger study for one GPU:
 
 ```shell
-keras-vmoe study --output study_output            # 4 models, 4 seeds
+keras-vmoe study --output study_output            # 4 models, 4 seeds, 3 epochs
 keras-vmoe study --routers all --seeds 6          # all seven models
 keras-vmoe study --scale gpu                      # larger ViT-MoE, on a GPU
 keras-vmoe study --scale gpu --dataset imagenet2012 --image-size 64 --train-size 100000

@@ -51,7 +51,8 @@ def add_arguments(parser):
         "--scale",
         choices=sorted(study_config.SCALES),
         default="cpu",
-        help="cpu: the default study (about 10 minutes on 2 CPU cores); gpu: a "
+        help="cpu: the default study (4 models x 4 seeds x 3 epochs, sized for "
+        "make demo's 10-minute budget on 2 CPU cores); gpu: a "
         "larger ViT-MoE (6 blocks, d=192, 49 tokens), more epochs and seeds, "
         "every router, sized for about 10 minutes on one modern GPU.",
     )
@@ -168,8 +169,9 @@ def plan_meshes(config, num_devices, spec=None):
     it is data parallel over all the devices instead (`batch=B*E`). Raises
     `UsageError`, naming the model, when a mesh would replicate the
     experts, when its expert axis does not divide them, or when the
-    training (`batch_size`) or evaluation (`eval_batch_size`) batch does
-    not split into batch shards of whole routing groups of the model.
+    training (`batch_size`) or evaluation (`eval_batch_size`) batch, or a
+    training pass (`micro_batch_size`), does not split into batch shards of
+    whole routing groups of the model.
 
     Args:
         config: `StudyConfig` (its `models`).
@@ -211,6 +213,16 @@ def plan_meshes(config, num_devices, spec=None):
         except UsageError as error:
             raise UsageError(f"{name}: {error}") from None
         unit = sizes["batch"] * group
+        passes = config.accumulation_steps
+        if passes > 1 and (config.batch_size // passes) % unit:
+            raise UsageError(
+                f"{name}: the training batch of {config.batch_size} images runs "
+                f"in {passes} passes of {config.batch_size // passes} (at most "
+                f"micro_batch_size {config.micro_batch_size}), which must split "
+                f"into {sizes['batch']} batch shards of whole routing groups of "
+                f"{group} images (a multiple of {unit}); give --mesh or "
+                "--no-distribution."
+            )
         if config.eval_batch_size % unit:
             raise UsageError(
                 f"{name}: the evaluation batch of {config.eval_batch_size} images "

@@ -102,11 +102,25 @@ class StudyConfig:
             not split the parameter RNG across experts by default); the
             routers alone make them diverge. Defaults to `True`.
         augment: bool. Random horizontal flips and shifts of the training
-            images (Keras preprocessing layers). Defaults to `True`.
+            images (Keras preprocessing layers, one batch at a time in the
+            `tf.data` pipeline, so that a seed gives every model the same
+            augmented images). Defaults to `True`.
         max_shift: int. Largest shift in pixels, each axis. Defaults to `2`.
-        epochs: int. Training epochs. Defaults to `4`.
-        batch_size: int. Training batch (a multiple of `group_size`).
-            Defaults to `128`.
+        epochs: int. Training epochs. Defaults to `3` (the most that keeps
+            the default study, 4 models x 4 seeds, within its time budget on
+            2 CPU cores: `benchmarks/router_study.md`).
+        batch_size: int. Training batch: images per optimizer update (a
+            multiple of `group_size`). Defaults to `128`.
+        micro_batch_size: int or None. Most images per forward and backward
+            pass: each training batch is split into the fewest equal passes
+            of at most this many images (whole routing groups), whose
+            gradients are averaged into the batch's one update (Keras'
+            gradient accumulation). The updates are those of one pass over
+            the whole batch, same images and augmentation; only the
+            computation is split (on a 2-core CPU, passes of 32 images took
+            a fifth to a third less CPU time per image than passes of 128:
+            `benchmarks/router_study.md`). `None`: one pass per batch.
+            Defaults to `32`.
         learning_rate: float. Peak learning rate. Defaults to `3e-3`.
         warmup_fraction: float. Linear warmup, as a fraction of the steps.
             Defaults to `0.1`.
@@ -165,8 +179,9 @@ class StudyConfig:
     identical_expert_init: bool = True
     augment: bool = True
     max_shift: int = 2
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 128
+    micro_batch_size: int | None = 32
     learning_rate: float = 3e-3
     warmup_fraction: float = 0.1
     weight_decay: float = 0.1
@@ -200,6 +215,31 @@ class StudyConfig:
     @property
     def expert_hidden_dim(self):
         return self.mlp_dim // self.num_selected_experts
+
+    @property
+    def accumulation_steps(self):
+        """Forward and backward passes per training batch (`micro_batch_size`).
+
+        The fewest `k` that split `batch_size` into `k` equal passes of at
+        most `micro_batch_size` images, each a whole number of routing
+        groups (of every model of the study); 1 without `micro_batch_size`.
+
+        Example:
+        >>> StudyConfig().accumulation_steps  # 128 images in 4 passes of 32
+        4
+        >>> StudyConfig(batch_size=100).accumulation_steps  # 5 passes of 20
+        5
+        """
+        if self.micro_batch_size is None or self.micro_batch_size >= self.batch_size:
+            return 1
+        group = math.lcm(self.group_size, self.soft_group_size)
+        for steps in range(
+            -(-self.batch_size // self.micro_batch_size), self.batch_size
+        ):
+            size, rest = divmod(self.batch_size, steps)
+            if not rest and size % group == 0:
+                return steps
+        return self.batch_size // group  # one routing group per pass
 
     def images_per_group(self, model_name):
         """Images per routing group of one model (1 for the dense ViT)."""
@@ -253,6 +293,13 @@ class StudyConfig:
         if not isinstance(self.max_shift, int) or self.max_shift < 0:
             raise ValueError(f"max_shift must be an int >= 0, got {self.max_shift!r}.")
         group = math.lcm(self.group_size, self.soft_group_size)
+        micro = self.micro_batch_size
+        if micro is not None and (
+            isinstance(micro, bool) or not isinstance(micro, int) or micro < 1
+        ):
+            raise ValueError(
+                f"micro_batch_size must be None or an int >= 1, got {micro!r}."
+            )
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) % group:
                 raise ValueError(
@@ -329,6 +376,7 @@ GPU = StudyConfig(
     epochs=30,
     batch_size=256,
     eval_batch_size=400,
+    micro_batch_size=None,  # one pass per batch: a GPU takes 256 at once
     seeds=6,
     models=model_names(),
 )

@@ -201,6 +201,56 @@ def format_differences(comparisons, models):
     return _aligned(header, rows)
 
 
+def _markdown(header, rows, align_first="---"):
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("| " + " | ".join([align_first] + ["---:"] * (len(header) - 1)) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(summary):
+    """`format_table` as a Markdown table (mean ± std over seeds).
+
+    Example:
+    >>> print(markdown_table({"dense": {"seeds": 2,
+    ...     "test_accuracy": {"mean": 0.8, "std": 0.01}}}))
+    | model | seeds | test acc | 10-shot acc | images/s | GFLOPs/img | dropped | imbalance | tokens/slot |
+    | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+    | dense | 2 | 0.800 ± 0.010 | - | - | - | - | - | - |
+    """
+    header = ["model", "seeds"] + [title for title, _, _ in TABLE_COLUMNS]
+    rows = [
+        [model, str(entry["seeds"])]
+        + [_cell(entry.get(metric), fmt) for _, metric, fmt in TABLE_COLUMNS]
+        for model, entry in summary.items()
+    ]
+    return _markdown(header, rows)
+
+
+def markdown_differences(comparisons, models):
+    """`format_differences` as a Markdown table, in bold where resolved.
+
+    Example:
+    >>> cmp = {"soft": {"dense": {"test_accuracy": {"mean": 0.03,
+    ...     "low": 0.01, "high": 0.05, "resolved": True}}}}
+    >>> print(markdown_differences(cmp, ["dense", "soft"]).splitlines()[-1])
+    | soft | **+0.030 [+0.010, +0.050]** | - | - | - |
+    """
+    header = ["model"] + [title for title, _, _ in DIFFERENCE_COLUMNS]
+    rows = []
+    for model in models:
+        by_baseline = comparisons.get(model, {})
+        cells = [model]
+        for _, baseline, metric in DIFFERENCE_COLUMNS:
+            entry = by_baseline.get(baseline, {}).get(metric)
+            text = _difference_cell(entry).rstrip("* ")
+            if entry is not None and entry.get("resolved"):
+                text = f"**{text}**"
+            cells.append(text)
+        rows.append(cells)
+    return _markdown(header, rows)
+
+
 def _json_ready(value):
     if isinstance(value, dict):
         return {str(k): _json_ready(v) for k, v in value.items()}

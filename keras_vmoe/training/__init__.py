@@ -15,6 +15,7 @@ from keras_vmoe.training.recipe import (
     use_seeded_dropout,
 )
 from keras_vmoe.training.schedules import (
+    PerUpdate,
     WarmupLinearDecay,
     WarmupRsqrtCooldown,
     warmup_cosine,
@@ -36,6 +37,7 @@ __all__ = [
     "SOFT_MOE_WEIGHT_DECAY",
     "SigmoidCrossEntropy",
     "VMOE_WEIGHT_DECAY",
+    "PerUpdate",
     "WarmupLinearDecay",
     "WarmupRsqrtCooldown",
     "warmup_cosine",

@@ -34,6 +34,7 @@ from keras_vmoe.training.optimizer import (
     DecoupledWeightDecayAdam,
 )
 from keras_vmoe.training.schedules import (
+    PerUpdate,
     WarmupLinearDecay,
     WarmupRsqrtCooldown,
     warmup_cosine,
@@ -56,6 +57,17 @@ def _weight_decay_rules(recipe_rules, weight_decay):
             raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
         return ((r"kernel$", float(weight_decay)),)
     return tuple(tuple(rule) for rule in weight_decay)
+
+
+def _accumulation_steps(steps):
+    """Keras' `gradient_accumulation_steps` (`None` for one batch per update)."""
+    if steps is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(
+            f"`gradient_accumulation_steps` must be None or an int >= 1, got {steps!r}."
+        )
+    return steps if steps > 1 else None
 
 
 def make_schedule(
@@ -152,6 +164,7 @@ def compile_with_recipe(
     label_smoothing=0.0,
     from_logits=None,
     metrics="auto",
+    gradient_accumulation_steps=None,
     **compile_kwargs,
 ):
     """Compiles a classifier with the V-MoE or Soft MoE pre-training recipe.
@@ -196,6 +209,13 @@ def compile_with_recipe(
         from_logits: bool or None. Defaults to `None`: logits unless the
             model has an output `activation`.
         metrics: `"auto"` (top-1 accuracy) or a list. Defaults to `"auto"`.
+        gradient_accumulation_steps: int or None. Average the gradients of
+            this many consecutive batches into one optimizer update (Keras'
+            gradient accumulation): `fit()` with batches of `B / k` images
+            and `k` steps makes the updates of batches of `B` images (the
+            schedule, Adam's step count and the weight decay count updates,
+            not batches). `total_steps` and `warmup_steps` count updates.
+            `None` or `1`: one update per batch. Defaults to `None`.
         **compile_kwargs: other `model.compile` arguments
             (`steps_per_execution`, `jit_compile`, ...).
 
@@ -225,12 +245,16 @@ def compile_with_recipe(
         timescale=timescale,
         cooldown_steps=cooldown_steps,
     )
+    accumulation = _accumulation_steps(gradient_accumulation_steps)
+    if accumulation:
+        lr = PerUpdate(lr, accumulation)  # Keras calls it with batches
     optimizer = DecoupledWeightDecayAdam(
         lr,
         weight_decay_rules=_weight_decay_rules(rules, weight_decay),
         beta_1=beta_1,
         beta_2=beta_2,
         global_clipnorm=global_clipnorm,
+        gradient_accumulation_steps=accumulation,
     )
     if from_logits is None:
         from_logits = getattr(model, "activation", None) is None

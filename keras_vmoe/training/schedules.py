@@ -6,6 +6,8 @@ Both start with a linear warmup from 0 to the peak rate, then:
 - `WarmupRsqrtCooldown` (Soft MoE): inverse square root decay with time
   scale `timescale`, and a linear cooldown to 0 over the last
   `cooldown_steps`.
+`PerUpdate` wraps a schedule for gradient accumulation (its steps are
+optimizer updates, not batches).
 For warmup then cosine decay use Keras' own
 `keras.optimizers.schedules.CosineDecay(0.0, decay_steps, warmup_target=peak,
 warmup_steps=...)`; `warmup_cosine()` below builds it.
@@ -156,6 +158,51 @@ class WarmupRsqrtCooldown(keras.optimizers.schedules.LearningRateSchedule):
             "timescale": self.timescale,
             "cooldown_steps": self.cooldown_steps,
         }
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule over optimizer updates, for gradient accumulation.
+
+    With `gradient_accumulation_steps=k`, a Keras optimizer updates the
+    weights every `k` batches but calls its learning-rate schedule with the
+    count of batches. This wrapper calls `schedule(batches // k)`, so the
+    `k` batches of update `u` all see `schedule(u)`: the schedule runs over
+    updates, as without accumulation.
+
+    Args:
+        schedule: `LearningRateSchedule` over updates.
+        accumulation_steps: int >= 1. Batches per update (`k`).
+
+    Example (a warmup over 10 updates; update 1 is batches 4 to 7):
+    >>> schedule = PerUpdate(WarmupLinearDecay(1e-3, 100, 10), 4)
+    >>> [round(float(schedule(b)), 6) for b in (3, 4, 7, 8)]
+    [0.0, 0.0001, 0.0001, 0.0002]
+    """
+
+    def __init__(self, schedule, accumulation_steps):
+        if not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            raise ValueError(
+                "`schedule` must be a keras LearningRateSchedule, got "
+                f"{type(schedule).__name__}."
+            )
+        self.schedule = schedule
+        self.accumulation_steps = _check("accumulation_steps", accumulation_steps, 1)
+
+    def __call__(self, step):
+        return self.schedule(ops.floor_divide(step, self.accumulation_steps))
+
+    def get_config(self):
+        return {
+            "schedule": keras.saving.serialize_keras_object(self.schedule),
+            "accumulation_steps": self.accumulation_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
+        return cls(**config)
 
 
 def warmup_cosine(

@@ -152,9 +152,33 @@ def test_soft_moe_slot_count_comes_from_the_cost_model():
         QUICK.replace(flops_tolerance=0.01).validate()
 
 
+@pytest.mark.parametrize(
+    "changes, passes",
+    [
+        ({}, 4),  # the default: 128 images in 4 passes of 32
+        ({"micro_batch_size": None}, 1),
+        ({"micro_batch_size": 128}, 1),
+        ({"micro_batch_size": 64}, 2),
+        # 100 images: 4 passes of 25 are not whole groups of 4; 5 of 20 are.
+        ({"batch_size": 100}, 5),
+        # 36 images, at most 16 per pass: 3 of 12.
+        ({"batch_size": 36, "micro_batch_size": 16}, 3),
+        # Passes smaller than a group of 4 images: one group each.
+        ({"micro_batch_size": 2}, 32),
+    ],
+)
+def test_training_passes_per_batch(changes, passes):
+    config = DEFAULT.replace(**changes).validate()
+    assert config.accumulation_steps == passes
+    size = config.batch_size // passes
+    assert size * passes == config.batch_size and size % config.group_size == 0
+
+
 def test_bad_study_settings_are_rejected():
     with pytest.raises(ValueError, match="multiple of the routing group"):
         DEFAULT.replace(batch_size=130).validate()
+    with pytest.raises(ValueError, match="micro_batch_size must be None or an int"):
+        DEFAULT.replace(micro_batch_size=0).validate()
     with pytest.raises(ValueError, match="patch_size"):
         DEFAULT.replace(patch_size=5).validate()
     with pytest.raises(ValueError, match="epochs"):
@@ -474,6 +498,81 @@ def test_dense_model_learns_an_easy_subset(tmp_path):
     assert run["history"]["loss"][-1] < run["history"]["loss"][0]
 
 
+def test_training_passes_see_the_images_of_their_batch():
+    from keras_vmoe.study import runner
+    from keras_vmoe.study.augment import augmentation
+
+    # 24 distinct images, batches of 8 (3 per epoch) in 2 passes of 4: the
+    # passes are the halves of the batches, in order, with the same random
+    # flips and shifts. A new pipeline of the same seed repeats them all.
+    x = np.arange(24 * 8 * 8, dtype="float32").reshape(24, 8, 8, 1)
+    y = np.arange(24)
+
+    def epochs(passes, seed=5):
+        ds = runner._train_dataset(
+            x, y, 8, seed, augmentation(8, max_shift=2, seed=seed), passes
+        )
+        return [[(a.numpy(), b.numpy()) for a, b in ds] for _ in range(2)]
+
+    whole, split = epochs(1), epochs(2)
+    for batches, passes in zip(whole, split):
+        assert [len(b) for _, b in batches] == [8, 8, 8]
+        assert [len(b) for _, b in passes] == [4] * 6
+        for i, (images, labels) in enumerate(batches):
+            np.testing.assert_array_equal(
+                np.concatenate([passes[2 * i][0], passes[2 * i + 1][0]]), images
+            )
+            np.testing.assert_array_equal(
+                np.concatenate([passes[2 * i][1], passes[2 * i + 1][1]]), labels
+            )
+    # Reshuffled and re-augmented every epoch; repeated by the seed.
+    assert not np.array_equal(whole[0][0][1], whole[1][0][1])
+    again = epochs(2)
+    for first, second in zip(split, again):
+        for (a, la), (b, lb) in zip(first, second):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(la, lb)
+    other = epochs(2, seed=6)
+    assert not np.array_equal(other[0][0][1], split[0][0][1])
+
+
+def test_a_study_run_updates_once_per_batch(monkeypatch):
+    from keras_vmoe.study import runner
+    from keras_vmoe.study.data import load_study_data
+
+    # 128 training images in batches of 64, each in 2 passes of 32, for one
+    # epoch: 4 passes and 2 optimizer updates (the schedule's steps).
+    config = QUICK.replace(
+        train_size=128,
+        test_size=32,
+        fewshot_train_size=64,
+        fewshot_test_size=32,
+        batch_size=64,
+        micro_batch_size=32,
+        eval_batch_size=32,
+        shots=(1, 2),
+        fewshot_draws=1,
+    )
+    assert config.accumulation_steps == 2
+    built = []
+    build_model = runner.build_model
+
+    def recording_build_model(*args):
+        built.append(build_model(*args))
+        return built[-1]
+
+    monkeypatch.setattr(runner, "build_model", recording_build_model)
+    run = runner.train_and_evaluate(
+        config, "dense", 0, load_study_data(config), routing_maps=False
+    )
+    optimizer = built[0].optimizer
+    assert int(optimizer.iterations) == 2
+    assert int(optimizer._iterations) == 4  # Keras counts the passes here
+    assert run["train_images_per_epoch"] == 128
+    assert len(run["history"]["loss"]) == 1
+    assert np.isfinite(run["history"]["loss"][0])
+
+
 def test_the_study_compiles_with_the_vmoe_recipe():
     """`compile_with_recipe` gives the numbers of the study's own settings.
 
@@ -662,6 +761,8 @@ def test_scales_and_their_models():
     command.add_arguments(parser)
     config = command.make_config(parser.parse_args([]))
     assert config == DEFAULT and config.seeds == 4
+    # 3 epochs of batches of 128 images, each in 4 passes of 32.
+    assert (config.epochs, config.batch_size, config.accumulation_steps) == (3, 128, 4)
     assert config.models == (
         "dense",
         "softmax_token_choice",

@@ -88,6 +88,15 @@ def test_each_model_gets_its_mesh():
             None,
             "dense: --batch-size 36 must split into 8 batch shards",
         ),
+        # Batches of 40 (5 images per shard) in 2 training passes of 20:
+        # 2.5 images on each of the dense ViT's 8 batch shards.
+        (
+            QUICK.replace(batch_size=40, micro_batch_size=20),
+            8,
+            None,
+            "dense: the training batch of 40 images runs in 2 passes of 20 (at "
+            "most micro_batch_size 20), which must split into 8 batch shards",
+        ),
         # 100 evaluation images on 8 batch shards: 12.5 each.
         (
             QUICK.replace(eval_batch_size=100),
@@ -199,10 +208,8 @@ def test_the_command_trains_each_model_on_its_mesh(
 # test images and a few-shot pool and test set of 64 digits each, evaluated
 # in batches of 64: the test set is one short batch (50 images, 25 groups
 # of 2, which do not split into whole groups on the 2 batch shards: the
-# predict function must still give the same outputs). No augmentation: the
-# study augments in a parallel `tf.data` map whose random draws depend on
-# thread timing, so two runs in one process need not see the same images
-# (the mesh has nothing to do with that).
+# predict function must still give the same outputs). With augmentation:
+# the study augments one batch at a time, so both runs see the same images.
 TINY = QUICK.replace(
     models=(SPARSE,),
     train_size=64,
@@ -212,7 +219,6 @@ TINY = QUICK.replace(
     shots=(1, 2),
     fewshot_draws=1,
     eval_batch_size=64,
-    augment=False,
 )
 
 

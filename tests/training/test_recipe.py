@@ -7,6 +7,7 @@ from keras_vmoe.models import ClassificationCrossEntropy
 from keras_vmoe.training import (
     SOFT_MOE_WEIGHT_DECAY,
     DecoupledWeightDecayAdam,
+    PerUpdate,
     SigmoidCrossEntropy,
     SoftmaxCrossEntropy,
     WarmupLinearDecay,
@@ -76,10 +77,69 @@ def test_bad_recipe_arguments(make, match):
         make()
 
 
+def test_per_update_schedule_hand_values():
+    # Warmup over 10 updates to 1e-3, 4 batches per update: batch b is in
+    # update b // 4, so batches 0-3 get 0, batches 4-7 get 1e-3 * 1/10 and
+    # batch 41 (update 10, the end of the warmup) gets the peak.
+    schedule = PerUpdate(WarmupLinearDecay(1e-3, 100, 10), 4)
+    for batch, expected in ((0, 0.0), (3, 0.0), (4, 1e-4), (7, 1e-4), (41, 1e-3)):
+        assert value(schedule, batch) == pytest.approx(expected, abs=1e-9), batch
+    with pytest.raises(ValueError, match="LearningRateSchedule"):
+        PerUpdate(1e-3, 4)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        PerUpdate(WarmupLinearDecay(1e-3, 100, 10), 0)
+
+
+def _train_tiny(batch_size, accumulation):
+    """Weights of a tiny classifier after 2 epochs of the V-MoE recipe."""
+    from keras_vmoe.training import compile_with_recipe
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(5, activation="tanh")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+    compile_with_recipe(
+        model,
+        "vmoe",
+        total_steps=8,  # updates: 16 images / 4 per update, 2 epochs
+        warmup_steps=2,
+        peak_learning_rate=0.05,
+        loss="softmax",
+        gradient_accumulation_steps=accumulation,
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
+    return model
+
+
+def test_gradient_accumulation_makes_the_updates_of_the_whole_batch():
+    # Batches of 4 images, one update each (8 updates), against the same
+    # 16 images in batches of 2 with 2 accumulated per update, and of 1 with
+    # 4: the mean gradient of a batch is the mean of its parts' mean
+    # gradients, and the schedule, Adam's step count, the clipping and the
+    # weight decay all count updates, so the weights agree to float32
+    # rounding. An update per batch of 2 (16 updates) ends elsewhere.
+    reference = _train_tiny(4, None)
+    assert int(reference.optimizer.iterations) == 8
+    expected = [np.asarray(w) for w in reference.get_weights()]
+    for batch_size, accumulation in ((2, 2), (1, 4)):
+        model = _train_tiny(batch_size, accumulation)
+        assert int(model.optimizer.iterations) == 8  # updates, not batches
+        for got, want in zip(model.get_weights(), expected):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    other = _train_tiny(2, None).get_weights()
+    assert max(float(np.abs(a - b).max()) for a, b in zip(other, expected)) > 1e-2
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        _train_tiny(4, 0)
+
+
 def test_schedules_serialize():
     for s in [
         WarmupLinearDecay(1e-3, 100, 10),
         WarmupRsqrtCooldown(1.0, 400, 100, 100, 100),
+        PerUpdate(WarmupLinearDecay(1e-3, 100, 10), 4),
     ]:
         clone = keras.optimizers.schedules.deserialize(
             keras.optimizers.schedules.serialize(s)
