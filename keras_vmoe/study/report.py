@@ -144,13 +144,18 @@ def format_table(summary):
     model  seeds  test acc  10-shot acc  images/s  GFLOPs/img  dropped  imbalance  tokens/slot
     dense      1     0.800            -         -           -        -          -            -
     """
+    return _aligned(*_table_cells(summary))
+
+
+def _table_cells(summary):
+    """The header and the rows of cells (strings) of the per-model table."""
     header = ["model", "seeds"] + [title for title, _, _ in TABLE_COLUMNS]
     rows = [
         [model, str(entry["seeds"])]
         + [_cell(entry.get(metric), fmt) for _, metric, fmt in TABLE_COLUMNS]
         for model, entry in summary.items()
     ]
-    return _aligned(header, rows)
+    return header, rows
 
 
 def _aligned(header, rows):
@@ -218,13 +223,7 @@ def markdown_table(summary):
     | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
     | dense | 2 | 0.800 ± 0.010 | - | - | - | - | - | - |
     """
-    header = ["model", "seeds"] + [title for title, _, _ in TABLE_COLUMNS]
-    rows = [
-        [model, str(entry["seeds"])]
-        + [_cell(entry.get(metric), fmt) for _, metric, fmt in TABLE_COLUMNS]
-        for model, entry in summary.items()
-    ]
-    return _markdown(header, rows)
+    return _markdown(*_table_cells(summary))
 
 
 def markdown_differences(comparisons, models):
