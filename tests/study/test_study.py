@@ -536,7 +536,7 @@ def test_training_passes_see_the_images_of_their_batch():
     assert not np.array_equal(other[0][0][1], split[0][0][1])
 
 
-def test_a_study_run_updates_once_per_batch(monkeypatch):
+def test_a_study_run_updates_once_per_batch(built_models):
     from keras_vmoe.study import runner
     from keras_vmoe.study.data import load_study_data
 
@@ -554,14 +554,7 @@ def test_a_study_run_updates_once_per_batch(monkeypatch):
         fewshot_draws=1,
     )
     assert config.accumulation_steps == 2
-    built = []
-    build_model = runner.build_model
-
-    def recording_build_model(*args):
-        built.append(build_model(*args))
-        return built[-1]
-
-    monkeypatch.setattr(runner, "build_model", recording_build_model)
+    built = built_models
     run = runner.train_and_evaluate(
         config, "dense", 0, load_study_data(config), routing_maps=False
     )

@@ -223,20 +223,13 @@ TINY = QUICK.replace(
 
 
 @JAX_ONLY
-def test_study_on_eight_devices_equals_one_device(monkeypatch, tmp_path):
+def test_study_on_eight_devices_equals_one_device(built_models, tmp_path):
     _eight_devices()
-    from keras_vmoe.study import experiment, runner
+    from keras_vmoe.study import experiment
 
     distributions = command.make_distributions(TINY)
     assert tuple(distributions[SPARSE].device_mesh.shape) == (2, 4)
-    built = []
-    build_model = runner.build_model
-
-    def recording_build_model(*args):
-        built.append(build_model(*args))
-        return built[-1]
-
-    monkeypatch.setattr(runner, "build_model", recording_build_model)
+    built = built_models
     results = {}
     for name, given in (("single", None), ("mesh", distributions)):
         (tmp_path / name).mkdir()
